@@ -1,0 +1,8 @@
+"""rlx: one training loop, Hydra config groups and hooks for efficient LLM training research."""
+
+__version__ = "0.1.0"
+
+import logging as _logging
+
+# bitsandbytes warns at import on CPU-only machines about optional kernels rlx does not use.
+_logging.getLogger("bitsandbytes").setLevel(_logging.ERROR)

@@ -1,0 +1,115 @@
+"""The `rlx` command. Typer routes, Hydra runs: `train` hands its arguments untouched to a
+`@hydra.main` task (so overrides, -m multirun, sweepers, launchers and --cfg all work);
+`ls`, `config show` and `eval` compose configs directly.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Callable
+
+import typer
+from omegaconf import OmegaConf
+
+from rlx.config import GROUPS, build, check_overrides, compose_config, group_options
+from rlx.errors import RlxError
+
+PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="rlx: one training loop, Hydra config groups, hooks. Overrides are Hydra's: key=value.")
+config_app = typer.Typer(no_args_is_help=True, help="Inspect composed configs.")
+app.add_typer(config_app, name="config")
+
+
+def _fail(e: RlxError) -> None:
+    typer.echo(f"error: {e}", err=True)
+    raise typer.Exit(1)
+
+
+def run_hydra_task(task: Callable, name: str, args: list[str]) -> None:
+    """Check the overrides, then call a `@hydra.main` task as if from the shell with `args`.
+    Hydra reads sys.argv only (hydra#2459), so it is swapped here and always restored."""
+    try:
+        check_overrides(name, [a for a in args if "=" in a and not a.startswith("-")])
+    except RlxError as e:
+        _fail(e)
+    saved = sys.argv
+    sys.argv = [f"rlx {name}", *args]
+    try:
+        task()
+    finally:
+        sys.argv = saved
+
+
+@app.command(context_settings=PASSTHROUGH)
+def train(ctx: typer.Context) -> None:
+    """Train: rlx train [-m] algo=sft optimizer.lr=3e-4 trainer.max_steps=200 (`rlx train -- --help` for Hydra's help)."""
+    from rlx.tasks import train_task
+
+    run_hydra_task(train_task, "train", ctx.args)
+
+
+@app.command(context_settings=PASSTHROUGH, name="eval")
+def eval_(ctx: typer.Context) -> None:
+    """Evaluate a checkpoint or a model: rlx eval checkpoint=outputs/.../last [split=test data=...]."""
+    from rlx.evaluate import evaluate
+    from rlx.tracking import print_summary
+
+    try:
+        cfg = _eval_config(ctx.args)
+        policy, task = build(cfg.model), build(cfg.data)
+        metrics = evaluate(policy.model, policy.tokenizer, task, cfg.split, cfg.num_samples,
+                           cfg.batch_size, cfg.max_new_tokens, cfg.max_length)
+    except RlxError as e:
+        _fail(e)
+    summary = {"model": cfg.checkpoint or cfg.model._target_, "data": cfg.data._target_, "split": cfg.split, **metrics}
+    print_summary(summary, title="rlx eval")
+    if cfg.out:
+        Path(cfg.out).write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def _eval_config(args: list[str]):
+    """conf/eval.yaml; with `checkpoint=`, the model is that checkpoint and, unless `data` is
+    overridden, the data set is the one it was trained on."""
+    from rlx.state import find_checkpoint
+
+    cfg = compose_config("eval", args)
+    if cfg.checkpoint:
+        ckpt = find_checkpoint(cfg.checkpoint)
+        cfg.model = {"_target_": "rlx.models.hf", "name_or_path": str(ckpt), "dtype": "float32", "device": cfg.device}
+        saved = ckpt / "rlx_config.yaml"
+        if saved.exists() and not any(a.split("=")[0].lstrip("+").startswith("data") for a in args):
+            cfg.data = OmegaConf.load(saved).data
+    return cfg
+
+
+@app.command()
+def ls(group: str = typer.Argument(None, help=f"one of: {', '.join(GROUPS)}")) -> None:
+    """List the options of a config group (or every group)."""
+    try:
+        for g in [group] if group else GROUPS:
+            typer.echo(f"{g}: {' '.join(group_options(g))}")
+    except RlxError as e:
+        _fail(e)
+
+
+@config_app.command("show", context_settings=PASSTHROUGH)
+def config_show(ctx: typer.Context) -> None:
+    """Print the composed train config as YAML: rlx config show algo=sft optimizer.lr=3e-4."""
+    try:
+        cfg = compose_config("train", ctx.args)
+        from rlx.config import validate
+
+        validate(cfg)
+    except RlxError as e:
+        _fail(e)
+    typer.echo(OmegaConf.to_yaml(cfg))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

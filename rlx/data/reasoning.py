@@ -1,0 +1,222 @@
+"""The built-in verifiable reasoning task: reasoning-gym problems with rlx-written traces.
+
+reasoning-gym supplies the problems and the exact scorer; rlx writes a chain-of-thought
+completion for each one, because SFT needs traces. Arithmetic expressions are reduced one
+operation per line ("4 - 1 = 3\\n3 - 7 = -4\\n#### -4"), so a problem with more terms takes
+more steps. A seeded share of the train traces re-checks every step before answering:
+redundant reasoning that length-penalty methods can learn to drop.
+
+Splits come from seeds derived from `seed` (reasoning-gym seeds item i with `seed + i`, so
+nearby seeds would share items); train then drops every problem that also appears in
+validation or test, so train ends up a little smaller than `num_train`.
+"""
+import ast
+import functools
+import random
+import re
+from fractions import Fraction
+from typing import Sequence
+
+import reasoning_gym
+from reasoning_gym.dataset import ProceduralDataset
+
+from rlx.data import SPLITS
+from rlx.errors import RlxError
+
+ARITHMETIC = ("chain_sum", "basic_arithmetic")
+SOURCES = ARITHMETIC + ("gsm_symbolic",)
+PROMPT_STYLES = ("compact", "question")
+
+_OPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}
+# A number as a model writes it: optional sign, optional thousands commas, optional decimals.
+_NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?")
+
+
+def extract_answer(text: str) -> str | None:
+    """The final answer in `text`: the token after the last '####', else the last number; commas removed."""
+    if "####" in text:
+        tail = text.rsplit("####", 1)[1].split()
+        if not tail:
+            return None
+        number = _NUMBER.search(tail[0])  # tolerate "$18." and "1,234"
+        return (number.group() if number else tail[0]).replace(",", "")
+    numbers = _NUMBER.findall(text)
+    return numbers[-1].replace(",", "") if numbers else None
+
+
+class _NoIntegerTrace(Exception):
+    """A division by zero or with a remainder: reasoning-gym floors it, which a trace must not teach."""
+
+
+def solve(expression: str) -> tuple[list[str], int] | None:
+    """Reduce an integer expression one operation at a time, in Python's order of evaluation.
+
+    Returns the step lines ("4 - 1 = 3") and the value, or None when a division is not exact.
+    Uses `ast` rather than `eval` so only + - * / and integers are ever computed.
+    """
+    steps: list[str] = []
+
+    def value(node: ast.expr) -> Fraction:
+        if isinstance(node, ast.Constant) and type(node.value) is int:
+            return Fraction(node.value)
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            inner = value(node.operand)
+            if not isinstance(node.operand, ast.Constant):  # "-7" is a number; "-( 3 + 4 )" is a step
+                steps.append(f"-({inner}) = {-inner}")
+            return -inner
+        if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
+            left, right = value(node.left), value(node.right)
+            if isinstance(node.op, ast.Div):
+                if right == 0 or left % right:
+                    raise _NoIntegerTrace
+                result = left / right
+            else:
+                result = {ast.Add: left + right, ast.Sub: left - right, ast.Mult: left * right}[type(node.op)]
+            steps.append(f"{left} {_OPS[type(node.op)]} {right} = {result}")
+            return result
+        raise ValueError(f"cannot reduce {ast.unparse(node)!r} in {expression!r}: only integers and + - * /")
+
+    try:
+        result = value(ast.parse(expression, mode="eval").body)
+    except _NoIntegerTrace:
+        return None
+    return steps, int(result)
+
+
+def _derived_seed(seed: int, *parts: str) -> int:
+    # String seeds hash with SHA-512, so these are stable across runs and far apart.
+    return random.Random("/".join(["rlx", str(seed), *parts])).getrandbits(31)
+
+
+@functools.cache
+def _scorer(source: str) -> ProceduralDataset:
+    # The scorers ignore the generator config, so one default instance per source serves all.
+    return reasoning_gym.create_dataset(source, size=1, seed=0)
+
+
+class ReasoningTask:
+    """reasoning-gym problems (chain_sum, basic_arithmetic, gsm_symbolic) with step-by-step traces."""
+
+    name = "reasoning"
+
+    def __init__(
+        self,
+        sources: Sequence[str] = ("chain_sum",),
+        num_train: int = 20000,
+        num_validation: int = 256,
+        num_test: int = 512,
+        seed: int = 0,
+        min_terms: int = 2,
+        max_terms: int = 5,
+        max_digits: int = 1,
+        recheck_prob: float = 0.25,
+        prompt_style: str = "compact",
+    ):
+        self.sources = [sources] if isinstance(sources, str) else list(sources)
+        if not self.sources or not set(self.sources) <= set(SOURCES):
+            raise RlxError(f"reasoning sources {self.sources} are not all known: choose from {', '.join(SOURCES)}")
+        if prompt_style not in PROMPT_STYLES:
+            raise RlxError(f"unknown prompt_style {prompt_style!r}: choose from {', '.join(PROMPT_STYLES)}")
+        if not 1 <= min_terms <= max_terms or max_digits < 1:
+            raise RlxError(
+                f"bad reasoning sizes (min_terms={min_terms}, max_terms={max_terms}, max_digits={max_digits}): "
+                "need 1 <= min_terms <= max_terms and max_digits >= 1"
+            )
+        if not 0.0 <= recheck_prob <= 1.0:
+            raise RlxError(f"recheck_prob={recheck_prob} is not a probability: pass a value in [0, 1]")
+        if min(num_train, num_validation, num_test) < 0:
+            raise RlxError("num_train, num_validation and num_test must be >= 0")
+        self.sizes = {"train": num_train, "validation": num_validation, "test": num_test}
+        self.seed = seed
+        self.recheck_prob = recheck_prob
+        self.prompt_style = prompt_style
+        arithmetic = dict(min_terms=min_terms, max_terms=max_terms, min_digits=1, max_digits=max_digits)
+        self.configs = {"chain_sum": arithmetic, "basic_arithmetic": arithmetic, "gsm_symbolic": {}}
+
+    def split(self, name: str) -> list[dict]:
+        if name not in SPLITS:
+            raise RlxError(f"unknown split {name!r}: choose from {', '.join(SPLITS)}")
+        return self._splits[name]
+
+    def score(self, response: str, example: dict) -> float:
+        answer = extract_answer(response)
+        if answer is None:
+            return 0.0
+        entry = {"question": example["question"], "answer": example["answer"], "metadata": {}}
+        return 1.0 if _scorer(example["source"]).score_answer(answer=answer, entry=entry) == 1.0 else 0.0
+
+    @functools.cached_property
+    def _splits(self) -> dict[str, list[dict]]:
+        held_out = {name: self._generate(name) for name in ("validation", "test")}
+        seen = {key for pairs in held_out.values() for key, _ in pairs}
+        train = [example for key, example in self._generate("train") if key not in seen]
+        recheck = random.Random(_derived_seed(self.seed, "recheck"))
+        for example in train:
+            if recheck.random() < self.recheck_prob:
+                example["completion"] = _with_recheck(example["completion"], example["num_steps"], example["source"])
+        return {"train": train, **{name: [example for _, example in pairs] for name, pairs in held_out.items()}}
+
+    def _generate(self, split: str) -> list[tuple[str, dict]]:
+        """(problem key, example) pairs for `split`, the sources sharing its size evenly, shuffled."""
+        n, k = self.sizes[split], len(self.sources)
+        pairs = []
+        for j, source in enumerate(self.sources):
+            pairs += self._from_source(source, n // k + (j < n % k), _derived_seed(self.seed, split, source))
+        random.Random(_derived_seed(self.seed, split, "mix")).shuffle(pairs)
+        return pairs
+
+    def _from_source(self, source: str, n: int, seed: int) -> list[tuple[str, dict]]:
+        # Spare indices make up for the few items whose trace cannot be written (inexact division).
+        dataset = reasoning_gym.create_dataset(source, size=2 * n + 100, seed=seed, **self.configs[source])
+        pairs = []
+        for index in range(len(dataset)):
+            if len(pairs) == n:
+                break
+            pair = self._example(source, dataset[index])
+            if pair is not None:
+                pairs.append(pair)
+        if len(pairs) < n:
+            raise RlxError(f"reasoning-gym's {source} gave too few problems rlx can trace; check the data config")
+        return pairs
+
+    def _example(self, source: str, item: dict) -> tuple[str, dict] | None:
+        """(problem key, example), or None when rlx cannot write a trace the scorer accepts."""
+        if source in ARITHMETIC:
+            key = item["metadata"]["expression"]
+            solved = solve(key)
+            if solved is None:
+                return None
+            steps, value = solved
+            completion, num_steps = "\n".join(steps + [f"#### {value}"]), len(steps)
+        else:
+            key, body = item["question"], _cot_body(item["metadata"]["answer_cot"])
+            completion = f"{body}\n#### {item['answer']}"
+            num_steps = sum(1 for line in body.splitlines() if line.strip())
+        compact = self.prompt_style == "compact" and source in ARITHMETIC
+        prompt = f"{key} =\n" if compact else item["question"] + "\n"
+        # Never train on a trace the scorer rejects (e.g. gsm_symbolic's scorer ignores minus signs).
+        if _scorer(source).score_answer(answer=extract_answer(completion), entry=item) != 1.0:
+            return None
+        example = {
+            "prompt": prompt,
+            "completion": completion,
+            "answer": item["answer"],
+            "source": source,
+            "num_steps": num_steps,
+            "question": item["question"],
+        }
+        return key, example
+
+
+def _cot_body(cot: str) -> str:
+    """gsm_symbolic's worked solution without its own '####' line (which may read '36.0' for '36')."""
+    return "\n".join(line for line in cot.splitlines() if not line.startswith("####")).strip()
+
+
+def _with_recheck(completion: str, num_steps: int, source: str) -> str:
+    """Repeat each arithmetic step as 'check: ...' before the answer line; other traces are left alone."""
+    if source not in ARITHMETIC:
+        return completion
+    lines = completion.split("\n")
+    steps, answer = lines[:num_steps], lines[num_steps:]
+    return "\n".join(steps + [f"check: {step}" for step in steps] + answer)

@@ -1,0 +1,39 @@
+"""An endless, resumable stream of micro-batches of examples.
+
+Each epoch is a fresh permutation drawn from `seed + epoch`, so the stream's position is two
+integers and resuming needs no replay: `load_state_dict` jumps straight back.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+
+class ExampleStream:
+    def __init__(self, examples: Sequence[dict], batch_size: int, seed: int = 0):
+        if len(examples) < batch_size:
+            raise ValueError(f"{len(examples)} training examples is fewer than one micro-batch of {batch_size}")
+        self.examples, self.batch_size, self.seed = examples, batch_size, seed
+        self.epoch, self.pos = 0, 0
+        self._order = self._permutation()
+
+    def _permutation(self) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        return torch.randperm(len(self.examples), generator=g).tolist()
+
+    def next(self) -> list[dict]:
+        """The next micro-batch; an epoch's tail shorter than a batch is dropped."""
+        if self.pos + self.batch_size > len(self._order):
+            self.epoch, self.pos = self.epoch + 1, 0
+            self._order = self._permutation()
+        idx = self._order[self.pos : self.pos + self.batch_size]
+        self.pos += self.batch_size
+        return [self.examples[i] for i in idx]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.pos = state["epoch"], state["pos"]
+        self._order = self._permutation()

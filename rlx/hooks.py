@@ -1,0 +1,76 @@
+"""Hook events of the training loop and the dispatcher that calls them in order.
+
+The loop calls, per run and per optimizer step:
+
+    on_train_start
+    repeat:  on_step_start -> (forward/backward per micro-batch) -> on_after_backward
+             -> (gradient clipping) -> on_before_optimizer_step -> (optimizer step)
+             -> on_step_end
+    on_train_end
+
+Every event receives the `TrainState` and may mutate it (the model, its gradients, the
+optimizer, `state.extra`). Methods inject themselves here: ECO error feedback around the
+optimizer step, QAT phase switches at step start, gradient splitting after backward.
+A hook that wants to change the loss belongs in the algorithm instead.
+
+A hook with state implements `state_dict`/`load_state_dict`; it is checkpointed with the run.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rlx.state import TrainState
+
+EVENTS = (
+    "on_train_start",
+    "on_step_start",
+    "on_after_backward",
+    "on_before_optimizer_step",
+    "on_step_end",
+    "on_train_end",
+)
+
+
+class Hook:
+    """The no-op hook: subclass and override the events you need. `quantizer=none` is this."""
+
+    def on_train_start(self, state: TrainState) -> None: ...
+    def on_step_start(self, state: TrainState) -> None: ...
+    def on_after_backward(self, state: TrainState) -> None: ...
+    def on_before_optimizer_step(self, state: TrainState) -> None: ...
+    def on_step_end(self, state: TrainState) -> None: ...
+    def on_train_end(self, state: TrainState) -> None: ...
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class HookList:
+    """Calls each hook's event in order; `hooks.on_step_start(state)` etc. Hooks are named
+    (`quantizer`, or their key under `hooks:`) so their checkpointed state finds its owner."""
+
+    def __init__(self, hooks: dict[str, Hook] | None = None):
+        self.named = dict(hooks or {})
+        self.hooks = list(self.named.values())
+
+    def __getattr__(self, event: str):
+        if event not in EVENTS:
+            raise AttributeError(event)
+
+        def dispatch(state: TrainState) -> None:
+            for hook in self.hooks:
+                getattr(hook, event)(state)
+
+        return dispatch
+
+    def state_dict(self) -> dict[str, dict]:
+        return {name: h.state_dict() for name, h in self.named.items()}
+
+    def load_state_dict(self, states: dict[str, dict]) -> None:
+        # A hook added or removed between runs (a debugging hook, say) has no state to match.
+        for name, hook in self.named.items():
+            if name in states:
+                hook.load_state_dict(states[name])

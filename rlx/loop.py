@@ -1,0 +1,172 @@
+"""The one training loop. It knows nothing of any particular method: the algorithm makes
+batches and losses, hooks act at fixed events (rlx/hooks.py), and the loop does the rest:
+gradient accumulation, clipping, LR schedule, mixed precision, logging, eval, checkpoints,
+resume and the NaN guard.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from tqdm.auto import tqdm
+
+from rlx.data.stream import ExampleStream
+from rlx.errors import RlxError
+from rlx.evaluate import evaluate
+from rlx.hooks import HookList
+from rlx.state import TrainState, find_checkpoint, load_checkpoint, save_checkpoint
+
+SCHEDULES = ("cosine", "linear", "constant", "constant_with_warmup")
+
+
+@dataclass
+class TrainerConfig:
+    """The `trainer:` section of conf/train.yaml; types are checked when a run starts."""
+
+    max_steps: int = 600
+    micro_batch_size: int = 32
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    lr_scheduler: str = "cosine"
+    warmup_steps: int = 0
+    precision: str = "auto"  # auto (bf16 on a CUDA device that has it, else fp32) | fp32 | bf16
+    log_every: int = 10
+    eval_every: int = 0  # 0: only at the end
+    save_every: int = 0  # 0: only at the end
+    keep_last: int = 2
+    resume: str | None = None  # null | auto (this run dir's last checkpoint, if any) | a path
+    progress: bool = True
+    eval_split: str = "validation"
+    eval_samples: int = 256
+    eval_batch_size: int = 64
+    eval_max_new_tokens: int = 128
+    eval_max_length: int = 512
+
+    @classmethod
+    def from_config(cls, node: DictConfig) -> TrainerConfig:
+        try:
+            merged = OmegaConf.merge(OmegaConf.structured(cls), node)
+        except OmegaConfBaseException as e:
+            raise RlxError(f"bad trainer.{e.full_key}: {str(e).splitlines()[0]}") from None
+        cfg = cls(**OmegaConf.to_container(merged))
+        if cfg.lr_scheduler not in SCHEDULES:
+            raise RlxError(f"unknown trainer.lr_scheduler={cfg.lr_scheduler!r}; valid: {', '.join(SCHEDULES)}")
+        if cfg.precision not in ("auto", "fp32", "bf16"):
+            raise RlxError(f"unknown trainer.precision={cfg.precision!r}; valid: auto, fp32, bf16")
+        if min(cfg.max_steps, cfg.micro_batch_size, cfg.grad_accum, cfg.log_every) < 1:
+            raise RlxError("trainer.max_steps, micro_batch_size, grad_accum and log_every must be >= 1")
+        return cfg
+
+
+def make_scheduler(optimizer, cfg: TrainerConfig):
+    from transformers.optimization import get_scheduler  # imported here: it pulls in peft (seconds)
+
+    return get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
+                         num_training_steps=cfg.max_steps)
+
+
+def autocast(device: torch.device, precision: str):
+    bf16 = precision == "bf16" or (
+        precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    )
+    if precision == "bf16" and device.type == "cpu":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+def _resume_from(cfg: TrainerConfig, run_dir: Path) -> Path | None:
+    if cfg.resume is None:
+        return None
+    if cfg.resume == "auto":
+        last = run_dir / "checkpoints" / "last"
+        return last.resolve() if last.exists() else None
+    return find_checkpoint(cfg.resume)
+
+
+def train(state: TrainState, algo, task, hooks: HookList, logger, cfg: TrainerConfig,
+          run_dir: Path, seed: int = 0, config: DictConfig | None = None) -> dict:
+    """Run `cfg.max_steps` optimizer steps; returns the final metrics."""
+    model, device = state.model, state.model.device
+    stream = ExampleStream(task.split("train"), cfg.micro_batch_size, seed)
+    ckpt_root = run_dir / "checkpoints"
+    resume = _resume_from(cfg, run_dir)
+    if resume is not None:
+        rest = load_checkpoint(state, resume)
+        stream.load_state_dict(rest["data"])
+        hooks.load_state_dict(rest["hooks"])
+
+    def save() -> Path:
+        extra = {"data": stream.state_dict(), "hooks": hooks.state_dict()}
+        return save_checkpoint(state, ckpt_root, extra, config, cfg.keep_last)
+
+    def run_eval() -> dict:
+        return evaluate(model, state.tokenizer, task, cfg.eval_split, cfg.eval_samples, cfg.eval_batch_size,
+                        cfg.eval_max_new_tokens, cfg.eval_max_length)
+
+    hooks.on_train_start(state)
+    model.train()
+    bar = tqdm(total=cfg.max_steps, initial=state.step, desc="train", disable=not cfg.progress, dynamic_ncols=True)
+    window: dict[str, float] = {}
+    train_time, tokens0, last = 0.0, state.tokens, {}  # train_time excludes eval and saving
+    while state.step < cfg.max_steps:
+        t_step = time.perf_counter()
+        hooks.on_step_start(state)
+        batches = [algo.make_batch(stream.next(), state) for _ in range(cfg.grad_accum)]
+        total = sum(b["num_targets"] for b in batches)
+        step_metrics: dict[str, float] = {}
+        for batch in batches:
+            weight = batch["num_targets"] / total
+            with autocast(device, cfg.precision):
+                loss, metrics = algo.loss(batch, state)
+            if not torch.isfinite(loss):
+                raise RlxError(f"loss is {loss.item()} at step {state.step + 1}; stopped, the last good "
+                               f"checkpoint is {ckpt_root / 'last' if (ckpt_root / 'last').exists() else 'none (nothing saved yet)'}")
+            (loss * weight).backward()
+            for k, v in metrics.items():
+                step_metrics[k] = step_metrics.get(k, 0.0) + float(v) * weight
+        hooks.on_after_backward(state)
+        if cfg.max_grad_norm > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            if not torch.isfinite(grad_norm):
+                raise RlxError(f"gradient norm is {grad_norm.item()} at step {state.step + 1}; stopped before "
+                               "the update, the last good checkpoint is intact")
+            step_metrics["train/grad_norm"] = grad_norm.item()
+        hooks.on_before_optimizer_step(state)
+        step_metrics["train/lr"] = state.scheduler.get_last_lr()[0]
+        state.optimizer.step()
+        state.scheduler.step()
+        state.optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        state.tokens += total
+        hooks.on_step_end(state)
+        train_time += time.perf_counter() - t_step
+        bar.update(1)
+
+        for k, v in step_metrics.items():
+            window[k] = window.get(k, 0.0) + v
+        if state.step % cfg.log_every == 0 or state.step == cfg.max_steps:
+            n = cfg.log_every if state.step % cfg.log_every == 0 else state.step % cfg.log_every
+            logged = {k: v / n for k, v in window.items()}
+            logged["train/tokens_per_s"] = (state.tokens - tokens0) / train_time
+            logged["train/tokens"] = state.tokens
+            logger.log(logged, state.step)
+            bar.set_postfix(loss=f"{logged.get('train/loss', float('nan')):.4f}")
+            last.update(logged)
+            window = {}
+        final = state.step == cfg.max_steps
+        if (cfg.eval_every and state.step % cfg.eval_every == 0) or final:
+            ev = run_eval()
+            logger.log(ev, state.step)
+            last.update(ev)
+        if (cfg.save_every and state.step % cfg.save_every == 0) or final:
+            last["checkpoint"] = str(save())
+    bar.close()
+    hooks.on_train_end(state)
+    last.update({"steps": state.step, "train/time_s": train_time,
+                 "train/tokens_per_s": (state.tokens - tokens0) / train_time if train_time else 0.0})
+    return last

@@ -1,0 +1,75 @@
+"""The `@hydra.main` task functions behind the run-type commands, and the code they run.
+
+`train_task` is what `rlx train ...` hands its overrides to; `run_training(cfg, run_dir)`
+is the same run without Hydra's machinery, for tests and notebooks.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from rlx.config import build
+from rlx.errors import RlxError
+from rlx.hooks import HookList
+from rlx.loop import TrainerConfig, make_scheduler, train
+from rlx.paths import CONF_DIR
+from rlx.seeding import seed_everything
+from rlx.state import TrainState
+from rlx.tracking import print_summary
+
+
+def run_training(cfg: DictConfig, run_dir: Path) -> dict:
+    """Build every component from `cfg`, train, log, and return the final metrics."""
+    trainer_cfg = TrainerConfig.from_config(cfg.trainer)
+    seed_everything(cfg.seed)
+    t_start = time.perf_counter()
+    policy = build(cfg.model)
+    task = build(cfg.data)
+    algo = build(cfg.algo)
+    params = [p for p in policy.model.parameters() if p.requires_grad]
+    optimizer = build(cfg.optimizer)(params)
+    state = TrainState(policy.model, policy.tokenizer, optimizer, make_scheduler(optimizer, trainer_cfg))
+    hooks = HookList({"quantizer": build(cfg.quantizer), **{name: build(h) for name, h in cfg.hooks.items()}})
+    logger = build(cfg.logger, run_dir=run_dir)
+    logger.log_config(cfg)
+    try:
+        final = train(state, algo, task, hooks, logger, trainer_cfg, run_dir, seed=cfg.seed, config=cfg)
+        summary = {
+            "run_dir": str(run_dir),
+            "params_M": sum(p.numel() for p in params) / 1e6,
+            **final,
+            "wall_time_s": time.perf_counter() - t_start,
+        }
+        if HydraConfig.initialized() and HydraConfig.get().mode.name == "MULTIRUN":
+            summary = {"overrides": HydraConfig.get().job.override_dirname, **summary}
+        logger.summary(summary)
+        print_summary(summary)
+        return summary
+    finally:
+        logger.finish()
+        del state, policy
+        if torch.cuda.is_available():  # sweep jobs share one process
+            torch.cuda.empty_cache()
+
+
+def sweep_metric(summary: dict) -> float:
+    """What an optimizing sweeper maximizes: accuracy where there is one, else -loss."""
+    if "eval/accuracy" in summary:
+        return float(summary["eval/accuracy"])
+    return -float(summary.get("eval/loss", summary.get("train/loss", float("inf"))))
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
+def train_task(cfg: DictConfig) -> float:
+    try:
+        summary = run_training(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except RlxError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    return sweep_metric(summary)

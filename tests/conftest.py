@@ -1,0 +1,36 @@
+"""Shared fixtures: a shrunken train config (tiny model, a few steps, no progress bar)."""
+import pytest
+
+from rlx.config import compose_config
+
+# A model and data set small enough that a training step takes milliseconds.
+SMALL = [
+    "model.hidden_size=32",
+    "model.num_layers=1",
+    "model.num_heads=2",
+    "model.intermediate_size=64",
+    "data.num_train=256",
+    "data.num_validation=8",
+    "data.num_test=8",
+    "trainer.max_steps=2",
+    "trainer.micro_batch_size=4",
+    "trainer.log_every=1",
+    "trainer.warmup_steps=0",
+    "trainer.eval_every=0",
+    "trainer.save_every=0",
+    "trainer.eval_samples=4",
+    "trainer.eval_max_new_tokens=8",
+    "trainer.progress=false",
+]
+
+
+def small_config(*overrides: str):
+    """SMALL plus `overrides`; choosing another group option (`model=hf`) drops SMALL's keys for that group."""
+    chosen = {o.split("=")[0] for o in overrides if "." not in o.split("=")[0]}
+    base = [o for o in SMALL if o.split(".")[0] not in chosen]
+    return compose_config("train", [*base, *overrides])
+
+
+@pytest.fixture
+def cfg():
+    return small_config()
