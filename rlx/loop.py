@@ -144,7 +144,6 @@ def train(state: TrainState, algo, task, hooks: HookList, logger, cfg: TrainerCo
         state.step += 1
         state.tokens += total
         hooks.on_step_end(state)
-        train_time += time.perf_counter() - t_step
         bar.update(1)
 
         for k, v in step_metrics.items():
@@ -152,12 +151,13 @@ def train(state: TrainState, algo, task, hooks: HookList, logger, cfg: TrainerCo
         if state.step % cfg.log_every == 0 or state.step == cfg.max_steps:
             n = cfg.log_every if state.step % cfg.log_every == 0 else state.step % cfg.log_every
             logged = {k: v / n for k, v in window.items()}
-            logged["train/tokens_per_s"] = (state.tokens - tokens0) / train_time
+            logged["train/tokens_per_s"] = (state.tokens - tokens0) / (train_time + time.perf_counter() - t_step)
             logged["train/tokens"] = state.tokens
             logger.log(logged, state.step)
             bar.set_postfix(loss=f"{logged.get('train/loss', float('nan')):.4f}")
             last.update(logged)
             window = {}
+        train_time += time.perf_counter() - t_step
         final = state.step == cfg.max_steps
         if (cfg.eval_every and state.step % cfg.eval_every == 0) or final:
             ev = run_eval()

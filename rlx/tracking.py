@@ -105,23 +105,29 @@ def print_summary(summary: dict, title: str = "rlx run") -> None:
     console.print(table)
 
 
+SWEEP_COLUMNS = ("train/loss", "eval/loss", "eval/accuracy", "eval/response_len", "train/tokens_per_s", "wall_time_s")
+
+
 class SweepSummary(Callback):
-    """Hydra callback: after a multirun, one row per job from each job's summary.json,
-    printed and written to `<sweep dir>/summary.csv`."""
+    """Hydra callback: after a multirun, one row per job from each job's summary.json. The
+    screen shows the swept values and the headline metrics; `<sweep dir>/summary.csv` has all."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep = Path(config.hydra.sweep.dir)
-        rows = []
-        for f in sorted(sweep.glob("*/summary.json"), key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0):
-            rows.append({"job": f.parent.name, **json.loads(f.read_text())})
+        jobs = sorted((p for p in sweep.glob("*/summary.json")), key=lambda p: p.parent.name.zfill(6))
+        rows = [{"job": f.parent.name, **json.loads(f.read_text())} for f in jobs]
         if not rows:
             return
         keys = list(dict.fromkeys(k for r in rows for k in r))
-        table = Table(title=f"sweep {sweep}", title_justify="left")
-        for k in keys:
-            table.add_column(k)
-        for r in rows:
-            table.add_row(*[_fmt(r.get(k, "")) for k in keys])
-        console.print(table)
-        lines = [",".join(keys)] + [",".join(str(r.get(k, "")) for k in keys) for r in rows]
+        lines = [",".join(keys)] + [",".join(json.dumps(r.get(k, "")) for k in keys) for r in rows]
         (sweep / "summary.csv").write_text("\n".join(lines) + "\n")
+
+        settings = [dict(kv.split("=", 1) for kv in r.get("overrides", "").split(",") if "=" in kv) for r in rows]
+        swept = [k for k in dict.fromkeys(k for s in settings for k in s) if len({s.get(k) for s in settings}) > 1]
+        table = Table(title=f"sweep {sweep}", title_justify="left")
+        columns = ["job", *swept, *(k for k in SWEEP_COLUMNS if k in keys)]
+        for c in columns:
+            table.add_column(c)
+        for r, s in zip(rows, settings):
+            table.add_row(*[_fmt(s.get(c, r.get(c, ""))) for c in columns])
+        console.print(table)

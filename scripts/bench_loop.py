@@ -1,0 +1,416 @@
+"""Loop overhead: tokens/s of rlx's training loop against a bare PyTorch loop and HF Trainer.
+
+    python scripts/bench_loop.py                 # 100 steps, 3 interleaved repeats (`make bench`)
+    python scripts/bench_loop.py --quick         # 10 steps, 1 repeat, writes nothing: a smoke test
+
+All three loops do the same work: `rlx train algo=sft` with the default config (model=tiny,
+data=reasoning, optimizer=adamw, micro-batch 32, fp32), the same initial weights (the tiny
+model is seeded by `model.seed`), the same micro-batches in the same order (rlx's
+ExampleStream with the run's seed, tokenized by `lm_batch` inside every loop), the same
+AdamW, cosine schedule with warmup and gradient clipping. They are checked to have done it:
+the 10-step mean training losses and the final weights are compared with the bare loop's.
+
+* bare     a hand-written loop: stream -> lm_batch -> forward -> token-mean CE -> backward ->
+           clip -> AdamW step -> scheduler step. Timed from building the stream to the end.
+* rlx      `rlx.loop.train()` with a real TrainState, HookList (the no-op `quantizer=none`),
+           JsonlLogger (into a temp dir), log_every=10 and the tqdm bar on stderr, as a user
+           has it. Eval and saving run only once, at the end (eval_samples=0, so the eval is
+           nearly empty); the timed figure is train() end to end minus the time spent inside
+           that final evaluate() and save_checkpoint(). Both numbers are reported, with the
+           loop's own `train/time_s` (the sum of its per-step times).
+* trainer  `transformers.Trainer.train()` end to end on a Dataset of the same examples in
+           stream order (sequential sampler) and a collator calling `lm_batch`, given the
+           same optimizer and scheduler objects; its logging, saving, eval, progress bar
+           and reporting are off. Building the Trainer is not timed.
+
+Runs are interleaved (bare, rlx, trainer, bare, ...) after one short untimed warm-up of
+each, so that another process slowing the machine hits all three alike; medians are
+reported. Results go to --out (JSON) and to the "Loop overhead (bench_loop)" section of
+--results (markdown), which is rewritten in place.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from omegaconf import OmegaConf
+from transformers import PrinterCallback, Trainer, TrainingArguments
+
+import rlx.loop
+from rlx.config import build, compose_config
+from rlx.data.collate import IGNORE, lm_batch
+from rlx.data.stream import ExampleStream
+from rlx.hooks import HookList
+from rlx.loop import TrainerConfig, make_scheduler
+from rlx.seeding import seed_everything
+from rlx.state import TrainState
+
+ROOT = Path(__file__).resolve().parents[1]
+SECTION = "## Loop overhead (bench_loop)"
+LOOPS = ("bare", "rlx", "trainer")
+WARMUP_STEPS = 3
+
+
+@dataclasses.dataclass
+class Setup:
+    """What every loop shares: the composed config and the data set (generated once)."""
+
+    cfg: object
+    trainer: TrainerConfig
+    task: object
+    algo: object
+
+
+@dataclasses.dataclass
+class Run:
+    loop: str
+    wall_s: float  # the timed region described in the module docstring
+    tokens: int  # target tokens (labelled tokens after the shift), as the rlx loop counts them
+    losses: list[float]  # mean training loss of each log_every-step window
+    weights: torch.Tensor  # final parameters, flattened, for the agreement check
+    extra: dict = dataclasses.field(default_factory=dict)
+
+
+def make_setup(steps: int) -> Setup:
+    cfg = compose_config("train", [
+        f"trainer.max_steps={steps}",
+        "trainer.log_every=10",
+        "trainer.eval_every=0",
+        "trainer.save_every=0",
+        "trainer.eval_samples=0",
+        # auto is fp32 on a CPU; pinning it keeps the three loops doing the same math on a GPU.
+        "trainer.precision=fp32",
+    ])
+    task = build(cfg.data)
+    task.split("train")  # generate the data now, not inside the first timed run
+    return Setup(cfg, TrainerConfig.from_config(cfg.trainer), task, build(cfg.algo))
+
+
+def fresh_state(setup: Setup) -> TrainState:
+    """A new model (same weights every time: the init is seeded), optimizer and scheduler, as run_training builds them."""
+    seed_everything(setup.cfg.seed)
+    policy = build(setup.cfg.model)
+    params = [p for p in policy.model.parameters() if p.requires_grad]
+    optimizer = build(setup.cfg.optimizer)(params)
+    return TrainState(policy.model, policy.tokenizer, optimizer, make_scheduler(optimizer, setup.trainer))
+
+
+def flat_weights(model: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten().cpu() for p in model.parameters()])
+
+
+def window_means(losses: list[float], every: int) -> list[float]:
+    """Per-step losses -> the means the rlx loop logs every `every` steps (the last window may be short)."""
+    return [sum(losses[i : i + every]) / len(losses[i : i + every]) for i in range(0, len(losses), every)]
+
+
+def num_targets(labels: torch.Tensor) -> int:
+    return int((labels[:, 1:] != IGNORE).sum())
+
+
+# ---------------------------------------------------------------------------- the three loops
+
+
+def run_bare(setup: Setup) -> Run:
+    state = fresh_state(setup)
+    model, tokenizer, optimizer, scheduler = state.model, state.tokenizer, state.optimizer, state.scheduler
+    max_length, tc = setup.algo.max_length, setup.trainer
+    model.train()
+    losses, tokens = [], 0
+    t0 = time.perf_counter()
+    stream = ExampleStream(setup.task.split("train"), tc.micro_batch_size, setup.cfg.seed)
+    for _ in range(tc.max_steps):
+        batch = {k: v.to(model.device) for k, v in lm_batch(stream.next(), tokenizer, max_length).items()}
+        labels = batch["labels"][:, 1:]
+        n = num_targets(batch["labels"])
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        # Token-mean cross-entropy over the completion, the same math as rlx's SFT.loss.
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction="sum"
+        ) / n
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
+        tokens += n
+    losses = [float(x) for x in losses]  # inside the clock: on a GPU this waits for the last step
+    wall = time.perf_counter() - t0
+    return Run("bare", wall, tokens, window_means(losses, tc.log_every), flat_weights(model))
+
+
+@contextlib.contextmanager
+def time_calls(module, name: str, spent: list[float]):
+    """Wrap `module.name` so the seconds spent inside it add up in `spent` (rlx itself is not edited)."""
+    original = getattr(module, name)
+
+    def timed(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            spent.append(time.perf_counter() - t0)
+
+    setattr(module, name, timed)
+    try:
+        yield
+    finally:
+        setattr(module, name, original)
+
+
+def run_rlx(setup: Setup) -> Run:
+    state = fresh_state(setup)
+    cfg = setup.cfg
+    hooks = HookList({"quantizer": build(cfg.quantizer), **{name: build(h) for name, h in cfg.hooks.items()}})
+    eval_s, save_s = [], []
+    with tempfile.TemporaryDirectory() as run_dir:
+        logger = build(cfg.logger, run_dir=Path(run_dir))
+        logger.log_config(cfg)
+        with time_calls(rlx.loop, "evaluate", eval_s), time_calls(rlx.loop, "save_checkpoint", save_s):
+            t0 = time.perf_counter()
+            final = rlx.loop.train(state, setup.algo, setup.task, hooks, logger, setup.trainer, Path(run_dir),
+                                   seed=cfg.seed, config=cfg)
+            end_to_end = time.perf_counter() - t0
+        logger.finish()
+        rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["train/loss"] for r in rows if "train/loss" in r]
+    eval_save = sum(eval_s) + sum(save_s)
+    extra = {"end_to_end_s": end_to_end, "final_eval_s": sum(eval_s), "final_save_s": sum(save_s),
+             "loop_train_time_s": final["train/time_s"]}
+    return Run("rlx", end_to_end - eval_save, state.tokens, losses, flat_weights(state.model), extra)
+
+
+class _RecordingTrainer(Trainer):
+    """Keeps each step's loss (a detached tensor, so no device sync) for the agreement check."""
+
+    step_losses: list
+
+    def training_step(self, *args, **kwargs):
+        loss = super().training_step(*args, **kwargs)
+        self.step_losses.append(loss)
+        return loss
+
+
+def run_trainer(setup: Setup) -> Run:
+    state = fresh_state(setup)
+    tc, tokenizer, max_length = setup.trainer, state.tokenizer, setup.algo.max_length
+    # The rlx stream's micro-batches laid end to end: a sequential sampler cuts them out again.
+    stream = ExampleStream(setup.task.split("train"), tc.micro_batch_size, setup.cfg.seed)
+    examples = [ex for _ in range(tc.max_steps) for ex in stream.next()]
+    tokens: list[int] = []
+
+    def collate(batch_examples: list[dict]) -> dict:
+        batch = lm_batch(batch_examples, tokenizer, max_length)
+        tokens.append(num_targets(batch["labels"]))
+        return batch
+
+    with tempfile.TemporaryDirectory() as out_dir:
+        args = TrainingArguments(
+            output_dir=out_dir, max_steps=tc.max_steps, per_device_train_batch_size=tc.micro_batch_size,
+            gradient_accumulation_steps=tc.grad_accum, max_grad_norm=tc.max_grad_norm,
+            train_sampling_strategy="sequential", remove_unused_columns=False, dataloader_pin_memory=False,
+            logging_strategy="no", save_strategy="no", eval_strategy="no", report_to="none",
+            disable_tqdm=True, seed=setup.cfg.seed,
+        )
+        trainer = _RecordingTrainer(model=state.model, args=args, train_dataset=examples, data_collator=collate,
+                                    optimizers=(state.optimizer, state.scheduler))
+        trainer.remove_callback(PrinterCallback)  # it prints the final metrics dict to stdout
+        trainer.step_losses = []
+        t0 = time.perf_counter()
+        trainer.train()
+        wall = time.perf_counter() - t0
+    losses = [float(x) for x in trainer.step_losses]
+    return Run("trainer", wall, sum(tokens), window_means(losses, tc.log_every), flat_weights(state.model))
+
+
+RUNNERS = {"bare": run_bare, "rlx": run_rlx, "trainer": run_trainer}
+
+
+# ---------------------------------------------------------------------------- measuring and reporting
+
+
+def measure(setup: Setup, repeats: int) -> list[tuple[int, Run, float]]:
+    """(repeat, run, 1-minute load average at its start) for every timed run, interleaved."""
+    warmup = dataclasses.replace(setup, trainer=dataclasses.replace(setup.trainer, max_steps=WARMUP_STEPS))
+    for loop in LOOPS:  # first calls pay one-off costs (lazy imports, allocator, kernel selection)
+        RUNNERS[loop](warmup)
+    runs = []
+    for r in range(repeats):
+        for loop in LOOPS:
+            load = os.getloadavg()[0]
+            run = RUNNERS[loop](setup)
+            print(f"repeat {r + 1}/{repeats} {loop:8s} {run.wall_s:7.2f} s  {run.tokens / run.wall_s:8.0f} tokens/s",
+                  file=sys.stderr)
+            runs.append((r, run, load))
+    return runs
+
+
+def max_abs_diff(a: list[float] | torch.Tensor, b: list[float] | torch.Tensor) -> float:
+    return float((torch.as_tensor(a, dtype=torch.float64) - torch.as_tensor(b, dtype=torch.float64)).abs().max())
+
+
+def summarize(runs: list[tuple[int, Run, float]], setup: Setup) -> dict:
+    by_loop = {loop: [run for _, run, _ in runs if run.loop == loop] for loop in LOOPS}
+    tokens = {run.tokens for _, run, _ in runs}
+    if len(tokens) != 1:
+        raise SystemExit(f"the loops trained on different token counts {sorted(tokens)}: not the same work")
+    tokens = tokens.pop()
+    median = {loop: statistics.median(r.wall_s for r in rs) for loop, rs in by_loop.items()}
+    rlx_extra = {k: statistics.median(r.extra[k] for r in by_loop["rlx"]) for k in by_loop["rlx"][0].extra}
+    per_repeat = list(zip(*by_loop.values()))  # (bare, rlx, trainer) of each repeat
+    agreement = {}
+    for loop in ("rlx", "trainer"):
+        agreement[f"{loop}_vs_bare_loss_max_abs"] = max(max_abs_diff(rs[LOOPS.index(loop)].losses, rs[0].losses)
+                                                        for rs in per_repeat)
+        agreement[f"{loop}_vs_bare_weights_max_abs"] = max(max_abs_diff(rs[LOOPS.index(loop)].weights, rs[0].weights)
+                                                           for rs in per_repeat)
+    return {
+        "tokens": tokens,
+        "tokens_per_step": tokens / setup.trainer.max_steps,
+        "runs": [{"repeat": r, "loop": run.loop, "wall_s": run.wall_s, "tokens_per_s": tokens / run.wall_s,
+                  "loadavg_1m_at_start": load, **run.extra} for r, run, load in runs],
+        "median_wall_s": median,
+        "median_tokens_per_s": {loop: tokens / s for loop, s in median.items()},
+        "median_rlx": rlx_extra,
+        "ratios": {
+            "rlx/bare": median["bare"] / median["rlx"],  # tokens/s ratio: below 1 is slower than bare
+            "trainer/bare": median["bare"] / median["trainer"],
+            "per_repeat_rlx/bare": [b.wall_s / x.wall_s for b, x, _ in per_repeat],
+            "per_repeat_trainer/bare": [b.wall_s / t.wall_s for b, _, t in per_repeat],
+        },
+        "loss_agreement": agreement,
+        "final_window_loss": {loop: rs[0].losses[-1] for loop, rs in by_loop.items()},
+    }
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    with contextlib.suppress(OSError):
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    return {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": "cuda: " + torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+
+
+def markdown(result: dict) -> str:
+    s, m, cfg = result["summary"], result["machine"], result["config"]
+    rlx, agree = s["median_rlx"], s["loss_agreement"]
+    rows = [f"| {loop} | {s['median_tokens_per_s'][loop]:,.0f} | {s['median_wall_s'][loop]:.2f} | "
+            f"{s['median_wall_s']['bare'] / s['median_wall_s'][loop]:.3f} |" for loop in LOOPS]
+    return "\n".join([
+        SECTION,
+        "",
+        f"Tokens/s of `rlx train algo=sft` (default config: model=tiny, data=reasoning, optimizer=adamw, "
+        f"micro-batch {cfg['micro_batch_size']}, fp32) against a bare hand-written PyTorch loop and "
+        f"`transformers.Trainer`, on the same initial weights, the same {cfg['steps']} micro-batches in the same "
+        f"order ({s['tokens_per_step']:.0f} target tokens per step) and the same AdamW, cosine schedule and "
+        f"clipping. Median of {cfg['repeats']} interleaved repeats.",
+        "",
+        "| loop | tokens/s | time (s) | tokens/s vs bare |",
+        "|---|---:|---:|---:|",
+        *rows,
+        "",
+        f"- rlx overhead vs the bare loop: **{(1 / s['ratios']['rlx/bare'] - 1) * 100:+.1f}%** time "
+        f"(per repeat: {', '.join(f'{(1 / x - 1) * 100:+.1f}%' for x in s['ratios']['per_repeat_rlx/bare'])}).",
+        f"- rlx timing: `train()` end to end {rlx['end_to_end_s']:.2f} s, minus the single final eval "
+        f"({rlx['final_eval_s']:.2f} s, eval_samples=0) and checkpoint save ({rlx['final_save_s']:.2f} s) = "
+        f"the rlx row; the loop's own `train/time_s` (per-step times summed) is {rlx['loop_train_time_s']:.2f} s. "
+        "Hooks: the no-op `quantizer=none`; JsonlLogger every 10 steps; tqdm bar on stderr.",
+        "- bare: timed from building the ExampleStream to the last step (tokenization included, as in rlx). "
+        "Trainer: `trainer.train()` end to end, with logging, saving, eval and its progress bar off.",
+        f"- Same work: max |Δ| of the 10-step mean training loss vs bare: rlx {agree['rlx_vs_bare_loss_max_abs']:.1e}, "
+        f"Trainer {agree['trainer_vs_bare_loss_max_abs']:.1e}; of the final weights: rlx "
+        f"{agree['rlx_vs_bare_weights_max_abs']:.1e}, Trainer {agree['trainer_vs_bare_weights_max_abs']:.1e}. "
+        f"Last-window loss {s['final_window_loss']['bare']:.4f}.",
+        f"- Machine: {m['cpu']}, {m['cpu_count']} CPUs, {m['torch_threads']} torch threads, {m['device']}; "
+        f"Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}. "
+        f"1-minute load average at run starts: {min(r['loadavg_1m_at_start'] for r in s['runs']):.1f}"
+        f"-{max(r['loadavg_1m_at_start'] for r in s['runs']):.1f}.",
+        f"- Command: `{result['command']}` ({result['date']}, {result['duration_s'] / 60:.1f} min in all).",
+        "",
+    ])
+
+
+def write_section(path: Path, section: str) -> None:
+    """Replace this benchmark's section of `path` (up to the next `## ` heading), leaving the rest alone."""
+    text = path.read_text() if path.exists() else "# Results\n"
+    lines = text.splitlines()
+    if SECTION in lines:
+        start = lines.index(SECTION)
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        lines[start:end] = [*section.splitlines(), ""]  # the blank line keeps the next heading apart
+    else:
+        lines += ["", *section.splitlines()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines).rstrip("\n") + "\n")
+
+
+def print_table(s: dict) -> None:
+    print(f"\n{'loop':8s} {'tokens/s':>10s} {'time s':>8s} {'vs bare':>8s}")
+    for loop in LOOPS:
+        wall = s["median_wall_s"][loop]
+        print(f"{loop:8s} {s['tokens'] / wall:10,.0f} {wall:8.2f} {s['median_wall_s']['bare'] / wall:8.3f}")
+    agree = s["loss_agreement"]
+    print(f"loss max |diff| vs bare: rlx {agree['rlx_vs_bare_loss_max_abs']:.1e}, "
+          f"trainer {agree['trainer_vs_bare_loss_max_abs']:.1e}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=100, help="optimizer steps per run")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats of each loop")
+    parser.add_argument("--quick", action="store_true", help="10 steps, 1 repeat; writes only where --out/--results say")
+    parser.add_argument("--out", type=Path, help="JSON results (default docs/results/bench_loop.json)")
+    parser.add_argument("--results", type=Path, help="markdown to update (default docs/RESULTS.md)")
+    args = parser.parse_args()
+    if args.quick:
+        args.steps, args.repeats = 10, 1
+    else:  # a smoke test must not overwrite the real results
+        args.out = args.out or ROOT / "docs" / "results" / "bench_loop.json"
+        args.results = args.results or ROOT / "docs" / "RESULTS.md"
+
+    t_start = time.perf_counter()
+    setup = make_setup(args.steps)
+    summary = summarize(measure(setup, args.repeats), setup)
+    result = {
+        "command": shlex.join(["python", "scripts/bench_loop.py", *sys.argv[1:]]),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "duration_s": time.perf_counter() - t_start,
+        "machine": machine(),
+        "config": {"steps": args.steps, "repeats": args.repeats, "micro_batch_size": setup.trainer.micro_batch_size,
+                   "max_length": setup.algo.max_length, "trainer": dataclasses.asdict(setup.trainer),
+                   "model": OmegaConf.to_container(setup.cfg.model), "optimizer": OmegaConf.to_container(setup.cfg.optimizer)},
+        "summary": summary,
+    }
+    print_table(summary)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.out}")
+    if args.results:
+        write_section(args.results, markdown(result))
+        print(f"wrote {args.results}")
+
+
+if __name__ == "__main__":
+    main()
