@@ -94,6 +94,21 @@ def ls(group: str = typer.Argument(None, help=f"one of: {', '.join(GROUPS)}")) -
         _fail(e)
 
 
+@app.command()
+def plot(
+    runs: list[Path] = typer.Argument(..., help="run folders (each with metrics.jsonl)"),
+    keys: str = typer.Option(None, help="comma-separated metrics, e.g. train/loss,eval/accuracy"),
+    out: Path = typer.Option(Path("curves.png"), help="the PNG to write"),
+) -> None:
+    """Plot training curves of one or more runs into a PNG."""
+    from rlx.plots import plot_runs
+
+    try:
+        typer.echo(f"wrote {plot_runs(runs, keys.split(',') if keys else None, out)}")
+    except RlxError as e:
+        _fail(e)
+
+
 @config_app.command("show", context_settings=PASSTHROUGH)
 def config_show(ctx: typer.Context) -> None:
     """Print the composed train config as YAML: rlx config show algo=sft optimizer.lr=3e-4."""

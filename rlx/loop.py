@@ -26,26 +26,28 @@ SCHEDULES = ("cosine", "linear", "constant", "constant_with_warmup")
 
 @dataclass
 class TrainerConfig:
-    """The `trainer:` section of conf/train.yaml; types are checked when a run starts."""
+    """The `trainer:` section of conf/train.yaml (the values live there; see its comments).
+    Types are checked when a run starts."""
 
-    max_steps: int = 600
-    micro_batch_size: int = 32
-    grad_accum: int = 1
-    max_grad_norm: float = 1.0  # 0 disables clipping
-    lr_scheduler: str = "cosine"
-    warmup_steps: int = 0
-    precision: str = "auto"  # auto (bf16 on a CUDA device that has it, else fp32) | fp32 | bf16
-    log_every: int = 10
-    eval_every: int = 0  # 0: only at the end
-    save_every: int = 0  # 0: only at the end
-    keep_last: int = 2
-    resume: str | None = None  # null | auto (this run dir's last checkpoint, if any) | a path
-    progress: bool = True
-    eval_split: str = "validation"
-    eval_samples: int = 256
-    eval_batch_size: int = 64
-    eval_max_new_tokens: int = 128
-    eval_max_length: int = 512
+    max_steps: int
+    micro_batch_size: int
+    grad_accum: int
+    max_grad_norm: float  # 0 disables clipping
+    lr_scheduler: str
+    warmup_steps: int
+    precision: str  # auto (bf16 on a CUDA device that has it, else fp32) | fp32 | bf16
+    log_every: int
+    eval_every: int  # 0: only at the end
+    save_every: int  # 0: only at the end
+    keep_last: int
+    resume: str | None  # null | auto (this run dir's last checkpoint, if any) | a path
+    progress: bool
+    eval_split: str
+    eval_samples: int
+    eval_batch_size: int
+    eval_max_new_tokens: int
+    eval_max_length: int
+
 
     @classmethod
     def from_config(cls, node: DictConfig) -> TrainerConfig:
@@ -53,6 +55,9 @@ class TrainerConfig:
             merged = OmegaConf.merge(OmegaConf.structured(cls), node)
         except OmegaConfBaseException as e:
             raise RlxError(f"bad trainer.{e.full_key}: {str(e).splitlines()[0]}") from None
+        missing = sorted(OmegaConf.missing_keys(merged))
+        if missing:
+            raise RlxError(f"trainer settings missing: {', '.join('trainer.' + k for k in missing)}")
         cfg = cls(**OmegaConf.to_container(merged))
         if cfg.lr_scheduler not in SCHEDULES:
             raise RlxError(f"unknown trainer.lr_scheduler={cfg.lr_scheduler!r}; valid: {', '.join(SCHEDULES)}")

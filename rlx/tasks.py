@@ -33,7 +33,10 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict:
     task = build(cfg.data)
     algo = build(cfg.algo)
     params = [p for p in policy.model.parameters() if p.requires_grad]
-    optimizer = build(cfg.optimizer)(params)
+    try:  # `_partial_` optimizers meet their parameters (and any bad values) only here
+        optimizer = build(cfg.optimizer)(params)
+    except (TypeError, ValueError) as e:
+        raise RlxError(f"cannot build optimizer {cfg.optimizer.get('_target_')}: {e}") from None
     state = TrainState(policy.model, policy.tokenizer, optimizer, make_scheduler(optimizer, trainer_cfg))
     hooks = HookList({"quantizer": build(cfg.quantizer), **{name: build(h) for name, h in cfg.hooks.items()}})
     logger = build(cfg.logger, run_dir=run_dir)

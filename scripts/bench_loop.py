@@ -23,8 +23,9 @@ the 10-step mean training losses and the final weights are compared with the bar
            same optimizer and scheduler objects; its logging, saving, eval, progress bar
            and reporting are off. Building the Trainer is not timed.
 
-Runs are interleaved (bare, rlx, trainer, bare, ...) after one short untimed warm-up of
-each, so that another process slowing the machine hits all three alike; medians are
+Runs are interleaved after one short untimed warm-up of each, so that another process
+slowing the machine hits all three alike, and the order rotates each repeat (bare, rlx,
+trainer; rlx, trainer, bare; ...) so that no loop always runs first; medians are
 reported. Results go to --out (JSON) and to the "Loop overhead (bench_loop)" section of
 --results (markdown), which is rewritten in place.
 """
@@ -46,7 +47,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from transformers import PrinterCallback, Trainer, TrainingArguments
 
 import rlx.loop
@@ -68,7 +69,7 @@ WARMUP_STEPS = 3
 class Setup:
     """What every loop shares: the composed config and the data set (generated once)."""
 
-    cfg: object
+    cfg: DictConfig
     trainer: TrainerConfig
     task: object
     algo: object
@@ -221,7 +222,7 @@ def run_trainer(setup: Setup) -> Run:
     with tempfile.TemporaryDirectory() as out_dir:
         args = TrainingArguments(
             output_dir=out_dir, max_steps=tc.max_steps, per_device_train_batch_size=tc.micro_batch_size,
-            gradient_accumulation_steps=tc.grad_accum, max_grad_norm=tc.max_grad_norm,
+            max_grad_norm=tc.max_grad_norm,
             train_sampling_strategy="sequential", remove_unused_columns=False, dataloader_pin_memory=False,
             logging_strategy="no", save_strategy="no", eval_strategy="no", report_to="none",
             disable_tqdm=True, seed=setup.cfg.seed,
@@ -250,7 +251,7 @@ def measure(setup: Setup, repeats: int) -> list[tuple[int, Run, float]]:
         RUNNERS[loop](warmup)
     runs = []
     for r in range(repeats):
-        for loop in LOOPS:
+        for loop in LOOPS[r % len(LOOPS):] + LOOPS[:r % len(LOOPS)]:
             load = os.getloadavg()[0]
             run = RUNNERS[loop](setup)
             print(f"repeat {r + 1}/{repeats} {loop:8s} {run.wall_s:7.2f} s  {run.tokens / run.wall_s:8.0f} tokens/s",
@@ -270,6 +271,7 @@ def summarize(runs: list[tuple[int, Run, float]], setup: Setup) -> dict:
         raise SystemExit(f"the loops trained on different token counts {sorted(tokens)}: not the same work")
     tokens = tokens.pop()
     median = {loop: statistics.median(r.wall_s for r in rs) for loop, rs in by_loop.items()}
+    spread = {loop: [min(r.wall_s for r in rs), max(r.wall_s for r in rs)] for loop, rs in by_loop.items()}
     rlx_extra = {k: statistics.median(r.extra[k] for r in by_loop["rlx"]) for k in by_loop["rlx"][0].extra}
     per_repeat = list(zip(*by_loop.values()))  # (bare, rlx, trainer) of each repeat
     agreement = {}
@@ -284,6 +286,7 @@ def summarize(runs: list[tuple[int, Run, float]], setup: Setup) -> dict:
         "runs": [{"repeat": r, "loop": run.loop, "wall_s": run.wall_s, "tokens_per_s": tokens / run.wall_s,
                   "loadavg_1m_at_start": load, **run.extra} for r, run, load in runs],
         "median_wall_s": median,
+        "range_wall_s": spread,  # the same work's run-to-run spread: the noise floor of the ratios
         "median_tokens_per_s": {loop: tokens / s for loop, s in median.items()},
         "median_rlx": rlx_extra,
         "ratios": {
@@ -316,7 +319,9 @@ def markdown(result: dict) -> str:
     s, m, cfg = result["summary"], result["machine"], result["config"]
     rlx, agree = s["median_rlx"], s["loss_agreement"]
     rows = [f"| {loop} | {s['median_tokens_per_s'][loop]:,.0f} | {s['median_wall_s'][loop]:.2f} | "
+            f"{s['range_wall_s'][loop][0]:.2f}-{s['range_wall_s'][loop][1]:.2f} | "
             f"{s['median_wall_s']['bare'] / s['median_wall_s'][loop]:.3f} |" for loop in LOOPS]
+    noise = max((hi - lo) / s["median_wall_s"][loop] for loop, (lo, hi) in s["range_wall_s"].items())
     return "\n".join([
         SECTION,
         "",
@@ -326,12 +331,14 @@ def markdown(result: dict) -> str:
         f"order ({s['tokens_per_step']:.0f} target tokens per step) and the same AdamW, cosine schedule and "
         f"clipping. Median of {cfg['repeats']} interleaved repeats.",
         "",
-        "| loop | tokens/s | time (s) | tokens/s vs bare |",
-        "|---|---:|---:|---:|",
+        "| loop | tokens/s | time (s), median | time (s), min-max | tokens/s vs bare |",
+        "|---|---:|---:|---:|---:|",
         *rows,
         "",
         f"- rlx overhead vs the bare loop: **{(1 / s['ratios']['rlx/bare'] - 1) * 100:+.1f}%** time "
-        f"(per repeat: {', '.join(f'{(1 / x - 1) * 100:+.1f}%' for x in s['ratios']['per_repeat_rlx/bare'])}).",
+        f"(per repeat: {', '.join(f'{(1 / x - 1) * 100:+.1f}%' for x in s['ratios']['per_repeat_rlx/bare'])}); "
+        f"the same loop's times spread by up to {noise * 100:.0f}% of their median here, so smaller "
+        "differences are noise.",
         f"- rlx timing: `train()` end to end {rlx['end_to_end_s']:.2f} s, minus the single final eval "
         f"({rlx['final_eval_s']:.2f} s, eval_samples=0) and checkpoint save ({rlx['final_save_s']:.2f} s) = "
         f"the rlx row; the loop's own `train/time_s` (per-step times summed) is {rlx['loop_train_time_s']:.2f} s. "
@@ -345,7 +352,8 @@ def markdown(result: dict) -> str:
         f"- Machine: {m['cpu']}, {m['cpu_count']} CPUs, {m['torch_threads']} torch threads, {m['device']}; "
         f"Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}. "
         f"1-minute load average at run starts: {min(r['loadavg_1m_at_start'] for r in s['runs']):.1f}"
-        f"-{max(r['loadavg_1m_at_start'] for r in s['runs']):.1f}.",
+        f"-{max(r['loadavg_1m_at_start'] for r in s['runs']):.1f} (this benchmark alone makes about "
+        f"{m['torch_threads']}).",
         f"- Command: `{result['command']}` ({result['date']}, {result['duration_s'] / 60:.1f} min in all).",
         "",
     ])
@@ -366,10 +374,10 @@ def write_section(path: Path, section: str) -> None:
 
 
 def print_table(s: dict) -> None:
-    print(f"\n{'loop':8s} {'tokens/s':>10s} {'time s':>8s} {'vs bare':>8s}")
+    print(f"\n{'loop':8s} {'tokens/s':>10s} {'time s':>8s} {'min-max s':>13s} {'vs bare':>8s}")
     for loop in LOOPS:
-        wall = s["median_wall_s"][loop]
-        print(f"{loop:8s} {s['tokens'] / wall:10,.0f} {wall:8.2f} {s['median_wall_s']['bare'] / wall:8.3f}")
+        wall, (lo, hi) = s["median_wall_s"][loop], s["range_wall_s"][loop]
+        print(f"{loop:8s} {s['tokens'] / wall:10,.0f} {wall:8.2f} {lo:6.2f}-{hi:6.2f} {s['median_wall_s']['bare'] / wall:8.3f}")
     agree = s["loss_agreement"]
     print(f"loss max |diff| vs bare: rlx {agree['rlx_vs_bare_loss_max_abs']:.1e}, "
           f"trainer {agree['trainer_vs_bare_loss_max_abs']:.1e}")

@@ -42,14 +42,18 @@ def test_cfg_job_prints_config_without_training(tmp_path):
     assert res.exit_code == 0 and "lr: 0.5" in res.output
 
 
-def test_bad_override_is_one_line_and_nonzero():
+def test_bad_input_is_one_line_and_nonzero(tmp_path):
     for bad, needle in [
         ("algo=nope", "unknown algo option 'nope'; valid: sft"),
         ("trainer.max_stepz=3", "unknown key 'trainer.max_stepz'"),
         ("trainer.max_steps=abc", "bad trainer.max_steps"),
         ("optimizer=nope,adamw", "unknown optimizer option 'nope'"),
+        ("optimizer.lr=abc", "cannot build optimizer torch.optim.AdamW"),
+        ("model=hf", "Missing mandatory value: model.name_or_path"),
+        ("model.init=/no/such/model", "cannot load model '/no/such/model'"),
+        ("trainer.resume=/no/such/run", "checkpoint '/no/such/run' does not exist"),
     ]:
-        res = rlx("train", "-m" if "," in bad else "trainer.progress=false", bad)
+        res = rlx("train", "-m" if "," in bad else "trainer.progress=false", bad, f"hydra.run.dir={tmp_path}")
         assert res.exit_code == 1, bad
         assert res.output.strip().splitlines() == [f"error: {res.output.strip()[7:]}"] and needle in res.output
 

@@ -33,3 +33,16 @@ def test_wandb_logger_writes_an_offline_run_that_wandb_sync_can_upload(tmp_path,
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
     assert (tmp_path / "metrics.jsonl").read_text().count("train/loss") == 2
+
+
+def test_plot_draws_the_curves_of_several_runs(tmp_path):
+    for name, losses in [("a", [3.0, 2.0]), ("b", [3.0, 1.0])]:
+        (tmp_path / name).mkdir()
+        rows = [{"step": i + 1, "train/loss": v} for i, v in enumerate(losses)]
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "curves.png"
+    res = runner.invoke(app, ["plot", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    res = runner.invoke(app, ["plot", str(tmp_path / "a"), "--keys", "eval/nothing"])
+    assert res.exit_code == 1 and "they have: train/loss" in res.output

@@ -1,0 +1,48 @@
+"""Shared by the benchmark scripts: the machine description and in-place rewriting of one
+`## ` section of docs/RESULTS.md."""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import platform
+from pathlib import Path
+
+import torch
+import transformers
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "docs" / "RESULTS.md"
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    with contextlib.suppress(OSError, StopIteration):
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    return {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": "cuda: " + torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def write_section(path: Path, heading: str, section: str) -> None:
+    """Replace the section under `heading` (up to the next `## ` heading), leaving the rest alone."""
+    text = path.read_text() if path.exists() else "# Results\n"
+    lines = text.splitlines()
+    if heading in lines:
+        start = lines.index(heading)
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        lines[start:end] = [*section.splitlines(), ""]  # the blank line keeps the next heading apart
+    else:
+        lines += ["", *section.splitlines()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines).rstrip("\n") + "\n")
