@@ -29,7 +29,10 @@ def _fail(e: RlxError) -> None:
 
 def run_hydra_task(task: Callable, name: str, args: list[str]) -> None:
     """Check the overrides, then call a `@hydra.main` task as if from the shell with `args`.
-    Hydra reads sys.argv only (hydra#2459), so it is swapped here and always restored."""
+    Hydra reads sys.argv only (hydra#2459), so it is swapped here and always restored, and
+    the finished job's HydraConfig is dropped so later in-process code does not see it."""
+    from hydra.core.hydra_config import HydraConfig
+
     try:
         check_overrides(name, [a for a in args if "=" in a and not a.startswith("-")])
     except RlxError as e:
@@ -40,6 +43,7 @@ def run_hydra_task(task: Callable, name: str, args: list[str]) -> None:
         task()
     finally:
         sys.argv = saved
+        HydraConfig.instance().cfg = None
 
 
 @app.command(context_settings=PASSTHROUGH)

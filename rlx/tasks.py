@@ -12,6 +12,7 @@ from pathlib import Path
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from rlx.config import build
@@ -49,7 +50,7 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict:
             **final,
             "wall_time_s": time.perf_counter() - t_start,
         }
-        if HydraConfig.initialized() and HydraConfig.get().mode.name == "MULTIRUN":
+        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
             summary = {"overrides": HydraConfig.get().job.override_dirname, **summary}
         logger.summary(summary)
         print_summary(summary)

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
@@ -84,7 +85,7 @@ def _hydra_job_names(group: str | None) -> tuple[str | None, str | None]:
     if not HydraConfig.initialized():
         return None, group
     hc = HydraConfig.get()
-    if hc.mode.name == "MULTIRUN":
+    if hc.mode == RunMode.MULTIRUN:
         return hc.job.override_dirname or f"job{hc.job.num}", group or Path(hc.sweep.dir).name
     return None, group
 

@@ -34,10 +34,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import datetime
 import json
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -46,7 +44,6 @@ import time
 from pathlib import Path
 
 import torch
-import transformers
 from omegaconf import DictConfig, OmegaConf
 from transformers import PrinterCallback, Trainer, TrainingArguments
 
@@ -59,7 +56,9 @@ from rlx.loop import TrainerConfig, make_scheduler
 from rlx.seeding import seed_everything
 from rlx.state import TrainState
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import ROOT, machine, now, write_section  # noqa: E402
+
 SECTION = "## Loop overhead (bench_loop)"
 LOOPS = ("bare", "rlx", "trainer")
 WARMUP_STEPS = 3
@@ -101,7 +100,8 @@ def make_setup(steps: int) -> Setup:
 
 
 def fresh_state(setup: Setup) -> TrainState:
-    """A new model (same weights every time: the init is seeded), optimizer and scheduler, as run_training builds them."""
+    """A new model (the same weights every time: its init is seeded), optimizer and scheduler,
+    built as run_training builds them."""
     seed_everything(setup.cfg.seed)
     policy = build(setup.cfg.model)
     params = [p for p in policy.model.parameters() if p.requires_grad]
@@ -125,6 +125,15 @@ def num_targets(labels: torch.Tensor) -> int:
 # ---------------------------------------------------------------------------- the three loops
 
 
+def bare_loss(model: torch.nn.Module, batch: dict, n: int) -> torch.Tensor:
+    """Token-mean cross-entropy over the completion: the same math as rlx's SFT.loss."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    nll = torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE, reduction="sum"
+    )
+    return nll / n
+
+
 def run_bare(setup: Setup) -> Run:
     state = fresh_state(setup)
     model, tokenizer, optimizer, scheduler = state.model, state.tokenizer, state.optimizer, state.scheduler
@@ -135,13 +144,8 @@ def run_bare(setup: Setup) -> Run:
     stream = ExampleStream(setup.task.split("train"), tc.micro_batch_size, setup.cfg.seed)
     for _ in range(tc.max_steps):
         batch = {k: v.to(model.device) for k, v in lm_batch(stream.next(), tokenizer, max_length).items()}
-        labels = batch["labels"][:, 1:]
         n = num_targets(batch["labels"])
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        # Token-mean cross-entropy over the completion, the same math as rlx's SFT.loss.
-        loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction="sum"
-        ) / n
+        loss = bare_loss(model, batch, n)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
         optimizer.step()
@@ -300,21 +304,6 @@ def summarize(runs: list[tuple[int, Run, float]], setup: Setup) -> dict:
     }
 
 
-def machine() -> dict:
-    cpu = platform.processor()
-    with contextlib.suppress(OSError):
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    return {
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "device": "cuda: " + torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-    }
-
-
 def markdown(result: dict) -> str:
     s, m, cfg = result["summary"], result["machine"], result["config"]
     rlx, agree = s["median_rlx"], s["loss_agreement"]
@@ -342,10 +331,12 @@ def markdown(result: dict) -> str:
         f"- rlx timing: `train()` end to end {rlx['end_to_end_s']:.2f} s, minus the single final eval "
         f"({rlx['final_eval_s']:.2f} s, eval_samples=0) and checkpoint save ({rlx['final_save_s']:.2f} s) = "
         f"the rlx row; the loop's own `train/time_s` (per-step times summed) is {rlx['loop_train_time_s']:.2f} s. "
-        "Hooks: the no-op `quantizer=none`; JsonlLogger every 10 steps; tqdm bar on stderr.",
+        "Hooks: the no-op `quantizer=none`; JsonlLogger every 10 steps; tqdm bar on stderr "
+        f"({'a terminal' if cfg['stderr_is_tty'] else 'redirected to a file'}).",
         "- bare: timed from building the ExampleStream to the last step (tokenization included, as in rlx). "
         "Trainer: `trainer.train()` end to end, with logging, saving, eval and its progress bar off.",
-        f"- Same work: max |Δ| of the 10-step mean training loss vs bare: rlx {agree['rlx_vs_bare_loss_max_abs']:.1e}, "
+        "- Same work: max |Δ| of the 10-step mean training loss vs bare: "
+        f"rlx {agree['rlx_vs_bare_loss_max_abs']:.1e}, "
         f"Trainer {agree['trainer_vs_bare_loss_max_abs']:.1e}; of the final weights: rlx "
         f"{agree['rlx_vs_bare_weights_max_abs']:.1e}, Trainer {agree['trainer_vs_bare_weights_max_abs']:.1e}. "
         f"Last-window loss {s['final_window_loss']['bare']:.4f}.",
@@ -359,25 +350,12 @@ def markdown(result: dict) -> str:
     ])
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace this benchmark's section of `path` (up to the next `## ` heading), leaving the rest alone."""
-    text = path.read_text() if path.exists() else "# Results\n"
-    lines = text.splitlines()
-    if SECTION in lines:
-        start = lines.index(SECTION)
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        lines[start:end] = [*section.splitlines(), ""]  # the blank line keeps the next heading apart
-    else:
-        lines += ["", *section.splitlines()]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines).rstrip("\n") + "\n")
-
-
 def print_table(s: dict) -> None:
     print(f"\n{'loop':8s} {'tokens/s':>10s} {'time s':>8s} {'min-max s':>13s} {'vs bare':>8s}")
     for loop in LOOPS:
         wall, (lo, hi) = s["median_wall_s"][loop], s["range_wall_s"][loop]
-        print(f"{loop:8s} {s['tokens'] / wall:10,.0f} {wall:8.2f} {lo:6.2f}-{hi:6.2f} {s['median_wall_s']['bare'] / wall:8.3f}")
+        vs_bare = s["median_wall_s"]["bare"] / wall
+        print(f"{loop:8s} {s['tokens'] / wall:10,.0f} {wall:8.2f} {lo:6.2f}-{hi:6.2f} {vs_bare:8.3f}")
     agree = s["loss_agreement"]
     print(f"loss max |diff| vs bare: rlx {agree['rlx_vs_bare_loss_max_abs']:.1e}, "
           f"trainer {agree['trainer_vs_bare_loss_max_abs']:.1e}")
@@ -387,13 +365,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=100, help="optimizer steps per run")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats of each loop")
-    parser.add_argument("--quick", action="store_true", help="10 steps, 1 repeat; writes only where --out/--results say")
+    parser.add_argument("--quick", action="store_true",
+                        help="10 steps, 1 repeat; writes only where --out/--results say")
     parser.add_argument("--out", type=Path, help="JSON results (default docs/results/bench_loop.json)")
     parser.add_argument("--results", type=Path, help="markdown to update (default docs/RESULTS.md)")
     args = parser.parse_args()
-    if args.quick:
+    if args.quick:  # a smoke test: it writes only where told, never over the real results
         args.steps, args.repeats = 10, 1
-    else:  # a smoke test must not overwrite the real results
+    else:
         args.out = args.out or ROOT / "docs" / "results" / "bench_loop.json"
         args.results = args.results or ROOT / "docs" / "RESULTS.md"
 
@@ -402,12 +381,14 @@ def main() -> None:
     summary = summarize(measure(setup, args.repeats), setup)
     result = {
         "command": shlex.join(["python", "scripts/bench_loop.py", *sys.argv[1:]]),
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": now(),
         "duration_s": time.perf_counter() - t_start,
         "machine": machine(),
         "config": {"steps": args.steps, "repeats": args.repeats, "micro_batch_size": setup.trainer.micro_batch_size,
-                   "max_length": setup.algo.max_length, "trainer": dataclasses.asdict(setup.trainer),
-                   "model": OmegaConf.to_container(setup.cfg.model), "optimizer": OmegaConf.to_container(setup.cfg.optimizer)},
+                   "max_length": setup.algo.max_length, "stderr_is_tty": sys.stderr.isatty(),  # where tqdm draws
+                   "trainer": dataclasses.asdict(setup.trainer),
+                   "model": OmegaConf.to_container(setup.cfg.model),
+                   "optimizer": OmegaConf.to_container(setup.cfg.optimizer)},
         "summary": summary,
     }
     print_table(summary)
@@ -416,7 +397,7 @@ def main() -> None:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.out}")
     if args.results:
-        write_section(args.results, markdown(result))
+        write_section(args.results, SECTION, markdown(result))
         print(f"wrote {args.results}")
 
 

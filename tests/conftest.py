@@ -1,7 +1,13 @@
 """Shared fixtures: a shrunken train config (tiny model, a few steps, no progress bar)."""
-import pytest
+import os
 
-from rlx.config import compose_config
+# Tests never reach a model hub: a hub name must fail at once, as it does on an offline machine.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+import pytest  # noqa: E402
+
+from rlx.config import compose_config  # noqa: E402
 
 # A model and data set small enough that a training step takes milliseconds.
 SMALL = [
