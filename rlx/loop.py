@@ -115,7 +115,9 @@ def train(state: TrainState, algo, task, hooks: HookList, logger, cfg: TrainerCo
 
     hooks.on_train_start(state)
     model.train()
-    bar = tqdm(total=cfg.max_steps, initial=state.step, desc="train", disable=not cfg.progress, dynamic_ncols=True)
+    # disable=None: tqdm draws only on a terminal, so logs and CI output stay readable
+    bar = tqdm(total=cfg.max_steps, initial=state.step, desc="train", disable=None if cfg.progress else True,
+               dynamic_ncols=True)
     window: dict[str, float] = {}
     train_time, tokens0, last = 0.0, state.tokens, {}  # train_time excludes eval and saving
     while state.step < cfg.max_steps:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+from collections import Counter
 import sys
 import time
 from pathlib import Path
@@ -66,7 +67,10 @@ def default_sft(rerun: bool) -> dict:
     cfg = compose_config("train", ["model=tiny_sft"])
     policy, task = build(cfg.model), build(cfg.data)
     test = evaluate(policy.model, policy.tokenizer, task, "test", 512, 64, 160, 512)
-    return {"validation": {k: summary[k] for k in summary if k.startswith("eval/")}, "test": test,
+    # Chance level: always answering the most common training answer.
+    common = Counter(ex["answer"] for ex in task.split("train")).most_common(1)[0][0]
+    guess = sum(task.score(f"#### {common}", ex) for ex in task.split("test")) / len(task.split("test"))
+    return {"constant_guess_accuracy": guess,"validation": {k: summary[k] for k in summary if k.startswith("eval/")}, "test": test,
             "steps": summary["steps"], "train_time_s": summary["train/time_s"], "wall_time_s": summary["wall_time_s"],
             "tokens_per_s": summary["train/tokens_per_s"], "overrides": summary["overrides"]}
 
@@ -101,7 +105,8 @@ def markdown(r: dict) -> str:
         f"| default `rlx train` (SFT, {sft['steps']} steps) | {sft['train_time_s'] / 60:.1f} min of training "
         f"({sft['wall_time_s'] / 60:.1f} min wall with evals), {sft['tokens_per_s']:,.0f} target tokens/s |",
         f"| its accuracy | validation **{v['eval/accuracy']:.1%}**, test **{t['eval/accuracy']:.1%}** (greedy; "
-        f"mean response {t['eval/response_len']:.0f} tokens); an untrained model scores 0% |",
+        f"mean response {t['eval/response_len']:.0f} tokens); always giving the most common answer scores "
+        f"{sft['constant_guess_accuracy']:.1%} |",
         f"| SmolLM2 on held-out Shakespeare | perplexity **{ppl['test']['eval/perplexity']:.2f}** on test "
         f"({ppl['validation']['eval/perplexity']:.2f} on validation), per SmolLM2 token, each 1,024-character chunk scored on its own |",
         "",
