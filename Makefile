@@ -34,5 +34,8 @@ base:
 bench:
 	$(PY) scripts/bench_loop.py
 
+lint:
+	$(VENV)/bin/ruff check rlx scripts tests
+
 clean:
 	rm -rf outputs multirun .pytest_cache

@@ -11,9 +11,9 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-from collections import Counter
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

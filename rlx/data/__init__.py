@@ -22,3 +22,12 @@ class Task(Protocol):
 
     def score(self, response: str, example: dict) -> float:
         """1.0 if `response` (the model's completion) reaches `example`'s answer, else 0.0."""
+
+
+def check_split(name: str) -> str:
+    """`name` if it is a split, else a one-line error listing the splits."""
+    from rlx.errors import RlxError
+
+    if name not in SPLITS:
+        raise RlxError(f"unknown split {name!r}: choose from {', '.join(SPLITS)}")
+    return name

@@ -11,7 +11,7 @@ import re
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
-from rlx.data import SPLITS
+from rlx.data import check_split
 from rlx.data.reasoning import extract_answer
 from rlx.errors import RlxError
 
@@ -82,9 +82,7 @@ class GSM8K:
         self._splits = {"train": train[:cut], "validation": train[cut:], "test": [to_example(r) for r in test_rows]}
 
     def split(self, name: str) -> list[dict]:
-        if name not in SPLITS:
-            raise RlxError(f"unknown split {name!r}: choose from {', '.join(SPLITS)}")
-        return self._splits[name]
+        return self._splits[check_split(name)]
 
     def score(self, response: str, example: dict) -> float:
         answer = extract_answer(response)

@@ -20,7 +20,7 @@ from typing import Sequence
 import reasoning_gym
 from reasoning_gym.dataset import ProceduralDataset
 
-from rlx.data import SPLITS
+from rlx.data import check_split
 from rlx.errors import RlxError
 
 ARITHMETIC = ("chain_sum", "basic_arithmetic")
@@ -134,9 +134,7 @@ class ReasoningTask:
         self.configs = {"chain_sum": arithmetic, "basic_arithmetic": arithmetic, "gsm_symbolic": {}}
 
     def split(self, name: str) -> list[dict]:
-        if name not in SPLITS:
-            raise RlxError(f"unknown split {name!r}: choose from {', '.join(SPLITS)}")
-        return self._splits[name]
+        return self._splits[check_split(name)]
 
     def score(self, response: str, example: dict) -> float:
         answer = extract_answer(response)

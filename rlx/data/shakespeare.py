@@ -18,7 +18,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from rlx.data import SPLITS
+from rlx.data import SPLITS, check_split
 from rlx.errors import RlxError
 from rlx.paths import cache_dir
 
@@ -56,7 +56,7 @@ def fetch(cache: Path | None = None) -> Path:
         except OSError:
             shutil.rmtree(staging, ignore_errors=True)
             if not text_files(cache):  # else another process fetched it meanwhile
-                raise RlxError(f"could not create {cache}: remove it and run `python -m rlx.data.shakespeare`")
+                raise RlxError(f"could not create {cache}: remove it and run `python -m rlx.data.shakespeare`") from None
     return cache
 
 
@@ -105,9 +105,7 @@ class Shakespeare:
         self._splits = {name: [{"text": c} for c in chunks("\n\n".join(p), chunk_chars)] for name, p in parts.items()}
 
     def split(self, name: str) -> list[dict]:
-        if name not in SPLITS:
-            raise RlxError(f"unknown split {name!r}: choose from {', '.join(SPLITS)}")
-        return self._splits[name]
+        return self._splits[check_split(name)]
 
     def score(self, response: str, example: dict) -> float:
         raise RlxError("shakespeare is a text corpus: it has no answers to score; use perplexity")
