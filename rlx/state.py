@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file
+from transformers.utils import logging as hf_logging
 
 from rlx.errors import RlxError
 
@@ -64,7 +65,11 @@ def save_checkpoint(state: TrainState, root: Path, extra: dict, config: DictConf
     final = root / f"step_{state.step:06d}"
     tmp = root / f".{final.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    state.model.save_pretrained(tmp)
+    hf_logging.disable_progress_bar()  # a bar per checkpoint would break the training bar
+    try:
+        state.model.save_pretrained(tmp)
+    finally:
+        hf_logging.enable_progress_bar()
     state.tokenizer.save_pretrained(tmp)
     if config is not None:
         OmegaConf.save(config, tmp / "rlx_config.yaml", resolve=True)

@@ -104,3 +104,10 @@ def test_corrupt_checkpoint_is_one_clear_error(tmp_path, victim):
 def test_missing_checkpoint_is_one_clear_error(tmp_path):
     with pytest.raises(RlxError, match="does not exist"):
         run_training(small_config(f"trainer.resume={tmp_path}/nowhere"), tmp_path)
+
+
+def test_only_the_newest_checkpoints_are_kept_and_no_temp_is_left(tmp_path):
+    run_training(small_config("trainer.max_steps=4", "trainer.save_every=1", "trainer.keep_last=2"), tmp_path)
+    root = tmp_path / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["last", "step_000003", "step_000004"]
+    assert (root / "last").resolve().name == "step_000004"
