@@ -76,11 +76,8 @@ def make_scheduler(optimizer, cfg: TrainerConfig):
 
 
 def autocast(device: torch.device, precision: str):
-    bf16 = precision == "bf16" or (
-        precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
-    )
-    if precision == "bf16" and device.type == "cpu":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
+    """bf16 autocast when asked for, or on `auto` where a CUDA device supports it; else fp32."""
+    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
     return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 

@@ -111,3 +111,8 @@ def test_only_the_newest_checkpoints_are_kept_and_no_temp_is_left(tmp_path):
     root = tmp_path / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == ["last", "step_000003", "step_000004"]
     assert (root / "last").resolve().name == "step_000004"
+
+
+def test_bf16_autocast_trains_on_cpu(tmp_path):
+    summary = run_training(small_config("trainer.precision=bf16", "trainer.max_steps=3"), tmp_path)
+    assert math.isfinite(summary["train/loss"])
