@@ -33,6 +33,7 @@ class TrainState:
     tokenizer: Any
     optimizer: torch.optim.Optimizer
     scheduler: Any
+    task: Any = None  # the data task: its splits and its answer checker (RL rewards use it)
     step: int = 0  # optimizer steps taken
     tokens: int = 0  # target tokens trained on
     extra: dict = field(default_factory=dict)  # scratch space that hooks and algorithms share

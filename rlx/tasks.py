@@ -38,7 +38,7 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict:
         optimizer = build(cfg.optimizer)(params)
     except (TypeError, ValueError) as e:
         raise RlxError(f"cannot build optimizer {cfg.optimizer.get('_target_')}: {e}") from None
-    state = TrainState(policy.model, policy.tokenizer, optimizer, make_scheduler(optimizer, trainer_cfg))
+    state = TrainState(policy.model, policy.tokenizer, optimizer, make_scheduler(optimizer, trainer_cfg), task)
     hooks = HookList({"quantizer": build(cfg.quantizer), **{name: build(h) for name, h in cfg.hooks.items()}})
     logger = build(cfg.logger, run_dir=run_dir)
     logger.log_config(cfg)

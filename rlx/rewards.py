@@ -1,0 +1,47 @@
+"""Rewards for RL: plain callables composed by config (the `reward` group).
+
+A reward term is called as `term(responses, examples, task) -> Tensor[B]` (one float per
+response); `WeightedSum` adds weighted terms and reports each one under `reward/<name>`.
+Length penalties (DLER, DRPO, ...) and learned reward models are more terms of the same shape.
+"""
+from __future__ import annotations
+
+import torch
+
+from rlx.data.reasoning import extract_answer
+
+
+class Correctness:
+    """1.0 when the task's exact checker accepts the response's final answer, else 0.0."""
+
+    def __call__(self, responses: list[str], examples: list[dict], task) -> torch.Tensor:
+        return torch.tensor([task.score(r, ex) for r, ex in zip(responses, examples, strict=True)])
+
+
+class Format:
+    """1.0 when the response ends in a parseable final-answer line (`#### <answer>`), else 0.0:
+    rewards the output format independently of correctness."""
+
+    def __call__(self, responses: list[str], examples: list[dict], task) -> torch.Tensor:
+        ok = [r.rstrip().rsplit("\n", 1)[-1].startswith("####") and extract_answer(r) is not None for r in responses]
+        return torch.tensor(ok, dtype=torch.float32)
+
+
+class WeightedSum:
+    """sum_k weight_k * term_k(responses); `metrics` holds each term's batch mean."""
+
+    def __init__(self, terms: dict, weights: dict[str, float]):
+        if set(terms) != set(weights):
+            from rlx.errors import RlxError
+
+            raise RlxError(f"reward terms {sorted(terms)} and weights {sorted(weights)} must name the same terms")
+        self.terms, self.weights = terms, weights
+
+    def __call__(self, responses: list[str], examples: list[dict], task) -> tuple[torch.Tensor, dict[str, float]]:
+        total = torch.zeros(len(responses))
+        metrics = {}
+        for name, term in self.terms.items():
+            values = term(responses, examples, task).float()
+            total += self.weights[name] * values
+            metrics[f"reward/{name}"] = values.mean().item()
+        return total, metrics
