@@ -1,0 +1,124 @@
+"""Rollout speed: generated tokens/s of `rlx.rollout.sample` against HF `generate` + a log-prob pass.
+
+    python scripts/bench_rollout.py              # 16 prompts x 8 samples, 64 new tokens, 5 repeats
+    python scripts/bench_rollout.py --quick      # 1 repeat, writes nothing: a smoke test
+
+Both produce what an RL step needs: sampled responses (temperature / top-p) and the per-token
+log-probs of the sampling policy.
+
+* rlx  `rlx.rollout.sample`: its own decode loop over a static KV cache; log-probs come out of it.
+* hf   `model.generate(do_sample=True, ...)` and then one forward pass over prompt + response
+       for the log-probs (`rlx.rollout.sequence_logprobs`), as TRL does it.
+
+The model is the tiny SFT base (`make base`) if cached, else the default random tiny model
+(the speed is nearly the same; the lengths are not). The prompts are the first validation
+prompts of the reasoning task, each repeated `--samples` times as GRPO groups them. Tokens are
+the generated ones up to and including EOS. Runs are interleaved after one untimed warm-up of
+each, alternating which goes first; medians are reported and written to --out (JSON).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from rlx.data.collate import prompt_batch
+from rlx.data.reasoning import ReasoningTask
+from rlx.models import hf, tiny
+from rlx.paths import cache_dir
+from rlx.rollout import sample, sequence_logprobs
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import ROOT, machine, now  # noqa: E402
+
+
+def load_model() -> tuple[torch.nn.Module, object, str]:
+    path = cache_dir() / "models" / "tiny-sft"
+    if (path / "config.json").exists():
+        model, tok = hf(str(path), dtype="float32", device="cpu")
+        return model, tok, "tiny-sft"
+    model, tok = tiny(hidden_size=192, num_layers=4, num_heads=4, intermediate_size=512, device="cpu")
+    return model, tok, "tiny (random init)"
+
+
+def run_rlx(model, tok, batch: dict, args, seed: int) -> int:
+    r = sample(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=args.max_new_tokens,
+               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, temperature=args.temperature,
+               top_p=args.top_p, generator=torch.Generator().manual_seed(seed))
+    return int(r.lengths.sum())
+
+
+@torch.no_grad()
+def run_hf(model, tok, batch: dict, args, seed: int) -> int:
+    torch.manual_seed(seed)
+    out = model.generate(**batch, do_sample=True, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                         top_p=args.top_p, top_k=None, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    P = batch["input_ids"].shape[1]
+    response = out[:, P:]
+    eos = (response == tok.eos_token_id).long()
+    response_mask = (eos.cumsum(-1) - eos == 0).long()
+    attention_mask = torch.cat([batch["attention_mask"], response_mask], 1)
+    sequence_logprobs(model, out, attention_mask, response.shape[1], temperature=args.temperature)
+    return int(response_mask.sum())
+
+
+ENGINES = {"rlx": run_rlx, "hf": run_hf}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prompts", type=int, default=16)
+    p.add_argument("--samples", type=int, default=8, help="samples per prompt (GRPO's group size)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--quick", action="store_true", help="1 repeat and write nothing")
+    p.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "bench_rollout.json")
+    args = p.parse_args()
+    repeats = 1 if args.quick else args.repeats
+
+    model, tok, name = load_model()
+    model.eval()
+    examples = ReasoningTask(max_terms=4).split("validation")
+    prompts = [examples[i]["prompt"] for i in range(args.prompts) for _ in range(args.samples)]
+    batch = prompt_batch(prompts, tok, "cpu")
+    for engine in ENGINES.values():  # warm-up, untimed
+        engine(model, tok, batch, args, seed=0)
+
+    runs: dict[str, list[dict]] = {k: [] for k in ENGINES}
+    for rep in range(repeats):
+        order = list(ENGINES) if rep % 2 == 0 else list(ENGINES)[::-1]
+        for key in order:
+            start = time.perf_counter()
+            tokens = ENGINES[key](model, tok, batch, args, seed=rep + 1)
+            wall = time.perf_counter() - start
+            runs[key].append({"wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall})
+
+    summary = {k: {"median_tokens_per_s": statistics.median(r["tokens_per_s"] for r in v),
+                   "median_wall_s": statistics.median(r["wall_s"] for r in v),
+                   "median_tokens": statistics.median(r["tokens"] for r in v)} for k, v in runs.items()}
+    speedup = summary["rlx"]["median_tokens_per_s"] / summary["hf"]["median_tokens_per_s"]
+    print(f"model {name}, {len(prompts)} rows ({args.prompts} prompts x {args.samples}), "
+          f"max_new_tokens {args.max_new_tokens}, T={args.temperature}, top_p={args.top_p}, {repeats} repeats")
+    print(f"{'engine':<6} {'tokens/s':>10} {'wall s':>8} {'tokens':>8}")
+    for k, s in summary.items():
+        print(f"{k:<6} {s['median_tokens_per_s']:>10.0f} {s['median_wall_s']:>8.3f} {s['median_tokens']:>8.0f}")
+    print(f"rlx / hf tokens/s: {speedup:.2f}x")
+    if args.quick:
+        return
+    result = {"date": now(), "machine": machine(), "model": name, "rows": len(prompts),
+              "config": {k: v for k, v in vars(args).items() if k not in ("out", "quick")},
+              "summary": summary, "speedup": speedup, "runs": runs}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
