@@ -34,7 +34,9 @@ from rlx.paths import cache_dir
 from rlx.rollout import sample, sequence_logprobs
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import ROOT, machine, now  # noqa: E402
+from _results import RESULTS, ROOT, machine, now, write_section  # noqa: E402
+
+HEADING = "## Rollout engine (bench_rollout)"
 
 
 def load_model() -> tuple[torch.nn.Module, object, str]:
@@ -70,6 +72,23 @@ def run_hf(model, tok, batch: dict, args, seed: int) -> int:
 ENGINES = {"rlx": run_rlx, "hf": run_hf}
 
 
+def markdown(r: dict) -> str:
+    c, s, m = r["config"], r["summary"], r["machine"]
+    rows = [f"| {name} | {s[k]['median_tokens_per_s']:,.0f} | {s[k]['median_wall_s']:.3f} |"
+            for k, name in (("rlx", "rlx `rollout.sample` (log-probs included)"),
+                            ("hf", "HF `generate(do_sample=True)` + log-prob forward"))]
+    return "\n".join([
+        HEADING, "",
+        f"Sampling what an RL step needs (responses and their per-token log-probs) from the {r['model']} model: "
+        f"{r['rows']} rows ({c['prompts']} prompts x {c['samples']} samples), up to {c['max_new_tokens']} new tokens, "
+        f"T={c['temperature']}, top_p={c['top_p']}; median of {c['repeats']} interleaved repeats.", "",
+        "| engine | generated tokens/s | time (s) |", "|---|---:|---:|", *rows, "",
+        f"- rlx is **{r['speedup']:.2f}x** HF's tokens/s on the same prompts (static KV cache, finished rows leave "
+        "the batch, log-probs taken while sampling).",
+        f"- Machine: {m['cpu']}, {m['cpu_count']} CPUs, {m['device']}; torch {m['torch']}, transformers {m['transformers']}.",
+        f"- Command: `python scripts/bench_rollout.py` ({r['date']}).", ""])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompts", type=int, default=16)
@@ -80,7 +99,11 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--quick", action="store_true", help="1 repeat and write nothing")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "bench_rollout.json")
+    p.add_argument("--render", action="store_true", help="only rewrite the RESULTS.md section from --out")
     args = p.parse_args()
+    if args.render:
+        write_section(RESULTS, HEADING, markdown(json.loads(args.out.read_text())))
+        return
     repeats = 1 if args.quick else args.repeats
 
     model, tok, name = load_model()
@@ -117,7 +140,8 @@ def main() -> None:
               "summary": summary, "speedup": speedup, "runs": runs}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_section(RESULTS, HEADING, markdown(result))
+    print(f"wrote {args.out} and {RESULTS}")
 
 
 if __name__ == "__main__":
