@@ -21,7 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 from rlx.errors import RlxError
 from rlx.paths import CONF_DIR
 
-GROUPS = ("algo", "model", "optimizer", "quantizer", "data", "reward", "logger", "hooks")
+GROUPS = ("algo", "model", "optimizer", "quantizer", "data", "reward", "logger", "hooks", "experiment")
 
 
 def group_options(group: str) -> list[str]:
