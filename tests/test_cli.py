@@ -5,6 +5,7 @@ import sys
 from typer.testing import CliRunner
 
 from rlx.cli import app
+from rlx.config import group_options
 from tests.conftest import SMALL
 
 runner = CliRunner()
@@ -44,7 +45,7 @@ def test_cfg_job_prints_config_without_training(tmp_path):
 
 def test_bad_input_is_one_line_and_nonzero(tmp_path):
     for bad, needle in [
-        ("algo=nope", "unknown algo option 'nope'; valid: grpo, sft"),
+        ("algo=nope", f"unknown algo option 'nope'; valid: {', '.join(group_options('algo'))}"),
         ("trainer.max_stepz=3", "unknown key 'trainer.max_stepz'"),
         ("trainer.max_steps=abc", "bad trainer.max_steps"),
         ("optimizer=nope,adamw", "unknown optimizer option 'nope'"),
