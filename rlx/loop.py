@@ -146,7 +146,7 @@ def train(state: TrainState, algo, task, hooks: HookList, logger, cfg: TrainerCo
         state.scheduler.step()
         state.optimizer.zero_grad(set_to_none=True)
         state.step += 1
-        state.tokens += total
+        state.tokens += sum(b.get("num_tokens", b["num_targets"]) for b in batches)
         hooks.on_step_end(state)
         bar.update(1)
 

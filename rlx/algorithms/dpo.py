@@ -96,6 +96,7 @@ class DPO:
         ref = self._reference_logps(examples, state)
         batch["ref_chosen_logps"], batch["ref_rejected_logps"] = ref.to(state.model.device).unbind(-1)
         batch["num_targets"] = len(examples)  # the loss is a mean over pairs
+        batch["num_tokens"] = int((batch["labels"][:, 1:] != IGNORE).sum())  # chosen + rejected targets
         return batch
 
     def _tokenize(self, examples: list[dict], tokenizer, device) -> dict:

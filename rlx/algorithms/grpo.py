@@ -93,6 +93,7 @@ class GRPO:
             batch["ref_logprobs"] = self._logprobs(self.reference, batch)
         lengths = rollout.response_mask.sum(-1).float()
         batch["num_targets"] = int(aggregation_weight(batch["response_mask"], self.loss_agg, self.max_new_tokens))
+        batch["num_tokens"] = int(lengths.sum())  # generated tokens trained on
         batch["metrics"] = {
             **reward_metrics,
             "reward/mean": rewards.mean().item(),
