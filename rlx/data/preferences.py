@@ -24,20 +24,17 @@ problem (the reasoning task already drops them from train).
 """
 from __future__ import annotations
 
-import ast
 import functools
 import random
-from fractions import Fraction
 from typing import Sequence
 
 from rlx.data import check_split
-from rlx.data.reasoning import ARITHMETIC, ReasoningTask, _derived_seed, _with_recheck
+from rlx.data.reasoning import ARITHMETIC, ReasoningTask, _derived_seed, _with_recheck, solve
 from rlx.errors import RlxError
 
 KINDS = ("wrong", "long", "format")
 MAX_SLIP = 3  # a corrupted step is off by 1..3 either way: small, as a real slip would be
 _CHECK = "check: "
-_OPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}
 
 
 class _KeyedReasoningTask(ReasoningTask):
@@ -49,43 +46,6 @@ class _KeyedReasoningTask(ReasoningTask):
         if pair is not None and source in ARITHMETIC:
             pair[1]["expression"] = pair[0]
         return pair
-
-
-def solve_with_slip(expression: str, slip_step: int, delta: int) -> tuple[list[str], int] | None:
-    """`rlx.data.reasoning.solve` with step `slip_step`'s result off by `delta`, and every later
-    step computed from the wrong value. None when a later division is no longer exact."""
-    steps: list[str] = []
-
-    def value(node: ast.expr) -> Fraction:
-        if isinstance(node, ast.Constant) and type(node.value) is int:
-            return Fraction(node.value)
-        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
-            inner = value(node.operand)
-            if isinstance(node.operand, ast.Constant):
-                return -inner
-            return record(f"-({inner})", -inner)
-        if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
-            left, right = value(node.left), value(node.right)
-            if isinstance(node.op, ast.Div):
-                if right == 0 or left % right:
-                    raise ZeroDivisionError  # stands for "no integer trace"
-                result = left / right
-            else:
-                result = {ast.Add: left + right, ast.Sub: left - right, ast.Mult: left * right}[type(node.op)]
-            return record(f"{left} {_OPS[type(node.op)]} {right}", result)
-        raise ValueError(f"cannot reduce {ast.unparse(node)!r} in {expression!r}")
-
-    def record(lhs: str, result: Fraction) -> Fraction:
-        if len(steps) == slip_step:
-            result += delta
-        steps.append(f"{lhs} = {result}")
-        return result
-
-    try:
-        result = value(ast.parse(expression, mode="eval").body)
-    except ZeroDivisionError:
-        return None
-    return steps, int(result)
 
 
 def _concise(completion: str) -> str:
@@ -156,7 +116,7 @@ class ReasoningPairs:
         for _ in range(8):
             delta = rng.choice([d for d in range(-MAX_SLIP, MAX_SLIP + 1) if d])
             if "expression" in example and example["num_steps"] > 0:
-                slipped = solve_with_slip(example["expression"], rng.randrange(example["num_steps"]), delta)
+                slipped = solve(example["expression"], rng.randrange(example["num_steps"]), delta)
                 if slipped is None:
                     continue
                 steps, value = slipped

@@ -48,22 +48,30 @@ class _NoIntegerTrace(Exception):
     """A division by zero or with a remainder: reasoning-gym floors it, which a trace must not teach."""
 
 
-def solve(expression: str) -> tuple[list[str], int] | None:
+def solve(expression: str, slip_step: int | None = None, delta: int = 0) -> tuple[list[str], int] | None:
     """Reduce an integer expression one operation at a time, in Python's order of evaluation.
 
     Returns the step lines ("4 - 1 = 3") and the value, or None when a division is not exact.
-    Uses `ast` rather than `eval` so only + - * / and integers are ever computed.
+    Uses `ast` rather than `eval` so only + - * / and integers are ever computed. With
+    `slip_step`, that step's result is off by `delta` and every later step is computed from the
+    wrong value: a consistent wrong trace, for preference pairs.
     """
     steps: list[str] = []
+
+    def record(lhs: str, result: Fraction) -> Fraction:
+        if len(steps) == slip_step:
+            result += delta
+        steps.append(f"{lhs} = {result}")
+        return result
 
     def value(node: ast.expr) -> Fraction:
         if isinstance(node, ast.Constant) and type(node.value) is int:
             return Fraction(node.value)
         if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
             inner = value(node.operand)
-            if not isinstance(node.operand, ast.Constant):  # "-7" is a number; "-( 3 + 4 )" is a step
-                steps.append(f"-({inner}) = {-inner}")
-            return -inner
+            if isinstance(node.operand, ast.Constant):  # "-7" is a number; "-( 3 + 4 )" is a step
+                return -inner
+            return record(f"-({inner})", -inner)
         if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
             left, right = value(node.left), value(node.right)
             if isinstance(node.op, ast.Div):
@@ -72,8 +80,7 @@ def solve(expression: str) -> tuple[list[str], int] | None:
                 result = left / right
             else:
                 result = {ast.Add: left + right, ast.Sub: left - right, ast.Mult: left * right}[type(node.op)]
-            steps.append(f"{left} {_OPS[type(node.op)]} {right} = {result}")
-            return result
+            return record(f"{left} {_OPS[type(node.op)]} {right}", result)
         raise ValueError(f"cannot reduce {ast.unparse(node)!r} in {expression!r}: only integers and + - * /")
 
     try:

@@ -2,7 +2,7 @@
 traces really longer and still right, no held-out problem in train."""
 import pytest
 
-from rlx.data.preferences import ReasoningPairs, solve_with_slip
+from rlx.data.preferences import ReasoningPairs
 from rlx.data.reasoning import extract_answer, solve
 from rlx.errors import RlxError
 
@@ -39,10 +39,10 @@ def test_wrong_pairs_have_a_wrong_rejected_answer():
 
 def test_the_slip_propagates_to_later_steps():
     # 6 - 9 + 4: step 0 is "6 - 9 = -3"; off by +2 it reads -1, and the next step uses -1.
-    steps, value = solve_with_slip("6 - 9 + 4", 0, 2)
+    steps, value = solve("6 - 9 + 4", 0, 2)
     assert steps == ["6 - 9 = -1", "-1 + 4 = 3"] and value == 3
     # with no slip it is exactly `solve`
-    assert solve_with_slip("(3 + 4) * 2 - -( 5 )", 99, 2) == solve("(3 + 4) * 2 - -( 5 )")
+    assert solve("(3 + 4) * 2 - -( 5 )", 99, 2) == solve("(3 + 4) * 2 - -( 5 )")
 
 
 def test_long_pairs_have_the_same_answer_and_a_longer_rejected():
