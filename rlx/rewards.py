@@ -45,3 +45,32 @@ class WeightedSum:
             total += self.weights[name] * values
             metrics[f"reward/{name}"] = values.mean().item()
         return total, metrics
+
+
+class RewardModel:
+    """A learned reward: a causal LM trained with `algo=rm` (see `rlx.algorithms.rm`) scores
+    `prompt + response + EOS` as the logit of EOS at the last position. `checkpoint` is a
+    checkpoint folder, a `checkpoints/` folder or a run folder; it is loaded once, frozen, in
+    float32, and scored `batch_size` sequences at a time without gradients."""
+
+    def __init__(self, checkpoint: str, batch_size: int = 64, max_length: int = 256, device: str = "auto"):
+        from rlx.models import hf
+        from rlx.state import find_checkpoint
+
+        policy = hf(str(find_checkpoint(checkpoint)), device=device, dtype="float32")
+        self.model, self.tokenizer = policy.model.eval().requires_grad_(False), policy.tokenizer
+        self.batch_size, self.max_length = batch_size, max_length
+
+    @torch.no_grad()
+    def __call__(self, responses: list[str], examples: list[dict], task) -> torch.Tensor:
+        from rlx.algorithms.rm import sequence_reward
+        from rlx.data.collate import lm_batch
+
+        rows = [{"prompt": ex["prompt"], "completion": r} for r, ex in zip(responses, examples, strict=True)]
+        device = next(self.model.parameters()).device
+        out = []
+        for i in range(0, len(rows), self.batch_size):
+            batch = lm_batch(rows[i:i + self.batch_size], self.tokenizer, self.max_length)
+            out.append(sequence_reward(self.model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                                       self.tokenizer.eos_token_id).cpu())
+        return torch.cat(out) if out else torch.zeros(0)
