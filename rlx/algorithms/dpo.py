@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rlx.data.collate import IGNORE, lm_batch
+from rlx.data.collate import IGNORE, lm_batch, pair_rows
 from rlx.errors import RlxError
 
 LOSS_TYPES = ("sigmoid", "ipo")
@@ -72,6 +72,10 @@ def response_logps(model, batch: dict) -> tuple[Tensor, Tensor]:
     return (logp * mask).sum(-1), mask.sum(-1)
 
 
+def _pair_key(example: dict) -> tuple[str, str, str]:
+    return example["prompt"], example["chosen"], example["rejected"]
+
+
 class DPO:
     def __init__(self, reference=None, beta: float = 0.1, loss_type: str = "sigmoid",
                  label_smoothing: float = 0.0, max_length: int = 256):
@@ -101,21 +105,19 @@ class DPO:
 
     def _tokenize(self, examples: list[dict], tokenizer, device) -> dict:
         """Chosen rows then rejected rows, in one right-padded batch for a single forward."""
-        rows = [{"prompt": ex["prompt"], "completion": ex[side]} for side in ("chosen", "rejected") for ex in examples]
-        return {k: v.to(device) for k, v in lm_batch(rows, tokenizer, self.max_length).items()}
+        return {k: v.to(device) for k, v in lm_batch(pair_rows(examples), tokenizer, self.max_length).items()}
 
     @torch.no_grad()
     def _reference_logps(self, examples: list[dict], state) -> Tensor:
         """[B, 2] summed reference log-probs (chosen, rejected), computed once per pair."""
-        keys = [(ex["prompt"], ex["chosen"], ex["rejected"]) for ex in examples]
-        missing = [ex for ex, key in zip(examples, keys) if key not in self.ref_cache]
-        missing = list({(ex["prompt"], ex["chosen"], ex["rejected"]): ex for ex in missing}.values())  # dedupe
+        keys = [_pair_key(ex) for ex in examples]
+        missing = list({key: ex for key, ex in zip(keys, examples) if key not in self.ref_cache}.items())  # deduped
         if missing:
             device = next(self.reference.parameters()).device
-            logps, _ = response_logps(self.reference, self._tokenize(missing, state.tokenizer, device))
-            chosen, rejected = logps.cpu().chunk(2)
-            for ex, c, r in zip(missing, chosen.tolist(), rejected.tolist()):
-                self.ref_cache[(ex["prompt"], ex["chosen"], ex["rejected"])] = (c, r)
+            batch = self._tokenize([ex for _, ex in missing], state.tokenizer, device)
+            chosen, rejected = response_logps(self.reference, batch)[0].cpu().chunk(2)
+            for (key, _), c, r in zip(missing, chosen.tolist(), rejected.tolist()):
+                self.ref_cache[key] = (c, r)
         return torch.tensor([self.ref_cache[key] for key in keys])
 
     # ------------------------------------------------------------------ loss

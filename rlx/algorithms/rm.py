@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rlx.data.collate import lm_batch
+from rlx.data.collate import lm_batch, pair_rows
 from rlx.errors import RlxError
 
 
@@ -66,11 +66,6 @@ def sequence_reward(model, input_ids: Tensor, attention_mask: Tensor, reward_tok
     last = attention_mask.sum(-1).long() - 1  # [N]
     rows = torch.arange(input_ids.shape[0], device=input_ids.device)
     return hidden[rows, last, reward_token_id].float()
-
-
-def pair_rows(examples: list[dict]) -> list[dict]:
-    """Chosen rows then rejected rows, as `lm_batch` prompt/completion rows."""
-    return [{"prompt": ex["prompt"], "completion": ex[side]} for side in ("chosen", "rejected") for ex in examples]
 
 
 class RM:

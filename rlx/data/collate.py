@@ -29,6 +29,12 @@ def lm_batch(examples: list[dict], tokenizer, max_length: int) -> dict:
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+def pair_rows(examples: list[dict]) -> list[dict]:
+    """Preference pairs as `lm_batch` rows: every chosen response, then every rejected one, so a
+    single forward scores both sides and `.chunk(2)` splits them again."""
+    return [{"prompt": ex["prompt"], "completion": ex[side]} for side in ("chosen", "rejected") for ex in examples]
+
+
 def prompt_batch(prompts: list[str], tokenizer, device) -> dict:
     """Left-padded prompts for generation (so every row's next token is at the end)."""
     rows = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
