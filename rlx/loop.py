@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from tqdm.auto import tqdm
 
-from rlx.data.stream import ExampleStream
+from rlx.data.stream import ExampleStream, NextBatch
 from rlx.errors import RlxError
 from rlx.evaluate import evaluate
 from rlx.hooks import HookList
@@ -95,15 +95,21 @@ def train(state: TrainState, algo, task, hooks: HookList, logger, cfg: TrainerCo
     """Run `cfg.max_steps` optimizer steps; returns the final metrics."""
     model, device = state.model, state.model.device
     stream = ExampleStream(task.split("train"), cfg.micro_batch_size, seed)
+    state.stream = stream  # for algorithms that draw more prompts than one micro-batch (dynamic sampling)
+    params = [p for group in state.optimizer.param_groups for p in group["params"]]  # incl. a critic's
     ckpt_root = run_dir / "checkpoints"
     resume = _resume_from(cfg, run_dir)
     if resume is not None:
         rest = load_checkpoint(state, resume)
         stream.load_state_dict(rest["data"])
         hooks.load_state_dict(rest["hooks"])
+        if hasattr(algo, "load_state_dict"):  # e.g. PPO's critic and the rollout it is replaying
+            algo.load_state_dict(rest.get("algo", {}))
 
     def save() -> Path:
         extra = {"data": stream.state_dict(), "hooks": hooks.state_dict()}
+        if hasattr(algo, "state_dict"):
+            extra["algo"] = algo.state_dict()
         return save_checkpoint(state, ckpt_root, extra, config, cfg.keep_last)
 
     def run_eval() -> dict:
@@ -120,9 +126,10 @@ def train(state: TrainState, algo, task, hooks: HookList, logger, cfg: TrainerCo
     while state.step < cfg.max_steps:
         t_step = time.perf_counter()
         hooks.on_step_start(state)
-        batches = [algo.make_batch(stream.next(), state) for _ in range(cfg.grad_accum)]
+        batches = [algo.make_batch(NextBatch(stream), state) for _ in range(cfg.grad_accum)]
+        t_update = time.perf_counter()
         total = sum(b["num_targets"] for b in batches)
-        step_metrics: dict[str, float] = {}
+        step_metrics: dict[str, float] = {"time/batch_s": t_update - t_step}  # RL: rollouts, rewards, reference
         for batch in batches:
             weight = batch["num_targets"] / total
             with autocast(device, cfg.precision):
@@ -135,7 +142,7 @@ def train(state: TrainState, algo, task, hooks: HookList, logger, cfg: TrainerCo
                 step_metrics[k] = step_metrics.get(k, 0.0) + float(v) * weight
         hooks.on_after_backward(state)
         if cfg.max_grad_norm > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             if not torch.isfinite(grad_norm):
                 raise RlxError(f"gradient norm is {grad_norm.item()} at step {state.step + 1}; stopped before "
                                "the update, the last good checkpoint is intact")
@@ -148,6 +155,7 @@ def train(state: TrainState, algo, task, hooks: HookList, logger, cfg: TrainerCo
         state.step += 1
         state.tokens += sum(b.get("num_tokens", b["num_targets"]) for b in batches)
         hooks.on_step_end(state)
+        step_metrics["time/update_s"] = time.perf_counter() - t_update
         bar.update(1)
 
         for k, v in step_metrics.items():

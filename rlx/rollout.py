@@ -36,7 +36,7 @@ cores this is about 2x HF `generate` + a log-prob pass (scripts/bench_rollout.py
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import torch
 from torch import Tensor
@@ -56,6 +56,24 @@ class Rollout:
     def lengths(self) -> Tensor:
         return self.response_mask.sum(-1)
 
+    def select(self, rows: Tensor) -> Rollout:
+        """The given rows, in that order."""
+        return Rollout(*(getattr(self, f.name)[rows] for f in fields(self)))
+
+    @staticmethod
+    def concat(rollouts: list[Rollout], pad_token_id: int) -> Rollout:
+        """One rollout of all rows: prompts left-padded and responses right-padded to the widest."""
+        P = max(r.prompt_ids.shape[1] for r in rollouts)
+        R = max(r.response_ids.shape[1] for r in rollouts)
+        left = lambda x, fill: torch.cat([x.new_full((x.shape[0], P - x.shape[1]), fill), x], 1)
+        right = lambda x, fill: torch.cat([x, x.new_full((x.shape[0], R - x.shape[1]), fill)], 1)
+        return Rollout(torch.cat([left(r.prompt_ids, pad_token_id) for r in rollouts]),
+                       torch.cat([left(r.prompt_mask, 0) for r in rollouts]),
+                       torch.cat([right(r.response_ids, pad_token_id) for r in rollouts]),
+                       torch.cat([right(r.response_mask, 0) for r in rollouts]),
+                       torch.cat([right(r.logprobs, 0.0) for r in rollouts]),
+                       torch.cat([r.finished for r in rollouts]))
+
     def sequences(self) -> tuple[Tensor, Tensor]:
         """(input_ids, attention_mask) of prompt + response; the response starts at column P."""
         return (torch.cat([self.prompt_ids, self.response_ids], 1),
@@ -67,16 +85,32 @@ def positions(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def _response_logits(model, input_ids: Tensor, attention_mask: Tensor, response_len: int) -> Tensor:
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask)).logits
+    return logits[:, -response_len - 1 : -1].float()
+
+
 def sequence_logprobs(model, input_ids: Tensor, attention_mask: Tensor, response_len: int,
                       temperature: float = 1.0) -> Tensor:
     """[B, response_len] log-probs (the module's convention) of the last `response_len` tokens of
     each row given everything before them; 0 where `attention_mask` is 0. Differentiable: call it
     under `torch.no_grad()` for old / reference log-probs, with grad for the policy loss."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask)).logits
-    logits = logits[:, -response_len - 1 : -1].float()
-    targets = input_ids[:, -response_len:]
-    out = token_logprobs(logits, targets, temperature)
+    logits = _response_logits(model, input_ids, attention_mask, response_len)
+    out = token_logprobs(logits, input_ids[:, -response_len:], temperature)
     return out * attention_mask[:, -response_len:]
+
+
+def sequence_logprobs_and_entropy(model, input_ids: Tensor, attention_mask: Tensor, response_len: int,
+                                  temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+    """`sequence_logprobs` and, from the same forward pass, the entropy [B, response_len] of the
+    sampling distribution softmax(logits / T) at each response position (detached: a metric)."""
+    logits = _response_logits(model, input_ids, attention_mask, response_len)
+    logp_all = (logits / temperature if temperature > 0 else logits).log_softmax(-1)
+    mask = attention_mask[:, -response_len:]
+    logprobs = logp_all.gather(-1, input_ids[:, -response_len:].unsqueeze(-1)).squeeze(-1) * mask
+    with torch.no_grad():
+        entropy = -(logp_all.exp() * logp_all).sum(-1) * mask
+    return logprobs, entropy
 
 
 def token_logprobs(logits: Tensor, tokens: Tensor, temperature: float) -> Tensor:

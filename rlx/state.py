@@ -36,6 +36,7 @@ class TrainState:
     task: Any = None  # the data task: its splits and its answer checker (RL rewards use it)
     step: int = 0  # optimizer steps taken
     tokens: int = 0  # target tokens trained on
+    stream: Any = None  # the training ExampleStream (set by the loop): extra prompts for refills
     extra: dict = field(default_factory=dict)  # scratch space that hooks and algorithms share
 
 

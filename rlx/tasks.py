@@ -34,6 +34,8 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict:
     task = build(cfg.data)
     algo = build(cfg.algo)
     params = [p for p in policy.model.parameters() if p.requires_grad]
+    if hasattr(algo, "parameters"):  # modules an algorithm trains beside the policy (PPO's critic)
+        params += [p for p in algo.parameters() if p.requires_grad]
     try:  # `_partial_` optimizers meet their parameters (and any bad values) only here
         optimizer = build(cfg.optimizer)(params)
     except (TypeError, ValueError) as e:

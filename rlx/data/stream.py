@@ -5,7 +5,7 @@ integers and resuming needs no replay: `load_state_dict` jumps straight back.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -37,3 +37,24 @@ class ExampleStream:
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.pos = state["epoch"], state["pos"]
         self._order = self._permutation()
+
+
+class NextBatch(Sequence):
+    """The stream's next micro-batch, drawn on first use. The loop hands one to each
+    `make_batch` call; an algorithm that is replaying a rollout it already holds (PPO's epochs
+    and minibatches) never touches it, so no data is consumed and the stream position stays
+    exact for resuming."""
+
+    def __init__(self, stream: ExampleStream):
+        self._stream, self._items = stream, None
+
+    def _batch(self) -> list[dict]:
+        if self._items is None:
+            self._items = self._stream.next()
+        return self._items
+
+    def __getitem__(self, i):
+        return self._batch()[i]
+
+    def __len__(self) -> int:
+        return len(self._batch())

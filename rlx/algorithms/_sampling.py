@@ -1,0 +1,61 @@
+"""What every online RL algorithm does before its loss: sample responses to the prompts, score
+them with the `reward` config group, and report the same rollout metrics under the same names
+(GRPO, PPO and their variants all call `sample_and_score`).
+
+Rollout metrics (per micro-batch, averaged over the steps of a logging window):
+
+    reward/mean, reward/std, reward/<term>   the configured reward and each of its terms
+    rl/accuracy                              fraction the task's checker accepts, whatever the reward
+    rl/response_len, _p90, _max              response tokens (EOS included)
+    rl/truncated                             fraction cut off by max_new_tokens
+    rl/rollout_s, rl/rollout_tokens_per_s    sampling time and speed (the loop's time/batch_s adds
+                                             scoring and reference passes)
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from rlx.data.collate import prompt_batch
+from rlx.rollout import Rollout, sample
+
+
+@dataclass
+class Scored:
+    examples: list[dict]  # one per row: each prompt repeated `n` times, groups contiguous
+    rollout: Rollout
+    rewards: Tensor  # [B] float32, on the CPU
+    metrics: dict[str, float]
+
+
+def sample_and_score(examples, state, reward, *, n: int, max_new_tokens: int, temperature: float,
+                     top_p: float) -> Scored:
+    """Sample `n` responses to each example's prompt and score them."""
+    model, tok = state.model, state.tokenizer
+    rows = [ex for ex in examples for _ in range(n)]
+    t0 = time.perf_counter()
+    prompts = prompt_batch([ex["prompt"] for ex in rows], tok, model.device)
+    rollout = sample(model, prompts["input_ids"], prompts["attention_mask"], max_new_tokens=max_new_tokens,
+                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                     temperature=temperature, top_p=top_p)
+    rollout_s = time.perf_counter() - t0
+    responses = tok.batch_decode(rollout.response_ids, skip_special_tokens=True)  # pad after EOS
+    rewards, reward_metrics = reward(responses, rows, state.task)
+    rewards = rewards.float().cpu()
+    correct = [state.task.score(r, ex) for r, ex in zip(responses, rows, strict=True)]
+    lengths = rollout.response_mask.sum(-1).float().cpu()
+    metrics = {
+        **reward_metrics,
+        "reward/mean": rewards.mean().item(),
+        "reward/std": rewards.std().item() if len(rewards) > 1 else 0.0,
+        "rl/accuracy": sum(correct) / len(correct),
+        "rl/response_len": lengths.mean().item(),
+        "rl/response_len_p90": lengths.quantile(0.9).item(),
+        "rl/response_len_max": lengths.max().item(),
+        "rl/truncated": (~rollout.finished).float().mean().item(),
+        "rl/rollout_s": rollout_s,
+        "rl/rollout_tokens_per_s": lengths.sum().item() / rollout_s,
+    }
+    return Scored(rows, rollout, rewards, metrics)

@@ -1,0 +1,203 @@
+"""PPO for language models (Schulman et al., 2017; Ouyang et al., 2022): a learned critic, GAE,
+the clipped surrogate, a clipped value loss, several epochs of minibatches per rollout.
+
+    rlx train algo=ppo model=tiny_sft
+    rlx train algo=ppo algo.reference='${model}' algo.kl_reward_coef=0.05    # KL in the reward (TRL)
+    rlx train algo=ppo algo.reference='${model}' algo.kl_coef=0.01           # KL as a loss term
+
+One rollout: the micro-batch's prompts are each sampled `samples_per_prompt` times and scored by
+the `reward` config group. The score is the reward of the response's last token; with
+`kl_reward_coef`, every token also gets -kl_reward_coef * (log pi - log pi_ref) (k1, TRL's
+default). GAE(gamma, lam) over those per-token rewards and the critic's values gives advantages
+(whitened over the rollout) and returns. The rollout is then replayed for `epochs` passes, each a
+fresh shuffle cut into `minibatches` minibatches; every `make_batch` call hands out the next
+minibatch, so one optimizer step uses `trainer.grad_accum` of them and a rollout lasts
+epochs * minibatches / grad_accum steps (the loop draws no prompts meanwhile). The loss per token
+is the clipped surrogate + vf_coef * clipped value loss (+ kl_coef * KL to the reference),
+aggregated per `loss_agg` (token_mean, as TRL's PPOTrainer).
+
+The critic is a second copy of the policy's model (`critic: ${model}`, as TRL and verl use a
+separate value model) whose LM head is replaced by a zero-initialised Linear(hidden, 1), so
+every value starts at 0. Its parameters join the loop's optimizer (`parameters()`) and are
+checkpointed with the rollout being replayed (`state_dict()`), so a resumed run continues
+exactly. Names: TRL num_ppo_epochs / num_mini_batches / vf_coef / cliprange_value / kl_coef;
+verl ppo_epochs / ppo_mini_batch_size / critic.cliprange_value / algorithm.kl_ctrl.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from rlx.algorithms._rl import (
+    aggregate,
+    aggregation_weight,
+    clipped_policy_loss,
+    clipped_value_loss,
+    gae,
+    kl_penalty,
+    masked_mean,
+    whiten,
+)
+from rlx.algorithms._sampling import sample_and_score
+from rlx.algorithms.grpo import AGGREGATIONS
+from rlx.errors import RlxError
+from rlx.rollout import positions, sequence_logprobs, sequence_logprobs_and_entropy
+
+
+class ValueModel(nn.Module):
+    """V(prefix) for every response position: a causal LM's decoder and a scalar head."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.backbone = lm.get_decoder()  # drops the LM head (unused)
+        ref = next(self.backbone.parameters())
+        self.head = nn.Linear(lm.config.hidden_size, 1, device=ref.device, dtype=ref.dtype)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, response_len: int) -> Tensor:
+        """[B, response_len] float32: the value before each response token (the state the token is
+        chosen in, aligned with `sequence_logprobs`); 0 where masked."""
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
+                               position_ids=positions(attention_mask)).last_hidden_state
+        values = self.head(hidden[:, -response_len - 1 : -1]).squeeze(-1).float()
+        return values * attention_mask[:, -response_len:]
+
+
+def score_rewards(scores: Tensor, mask: Tensor, kl: Tensor | None = None, kl_coef: float = 0.0) -> Tensor:
+    """Per-token rewards [B, T]: each sequence's score on its last valid token, minus
+    kl_coef * kl on every token (the RLHF reward of Ouyang et al., eq. 2; TRL's PPO)."""
+    rewards = torch.zeros_like(mask, dtype=torch.float32)
+    last = mask.sum(-1).long().clamp(min=1) - 1
+    rewards[torch.arange(len(scores), device=mask.device), last] = scores.to(rewards)
+    if kl is not None and kl_coef:
+        rewards = rewards - kl_coef * kl * mask
+    return rewards * mask
+
+
+class PPO:
+    def __init__(
+        self,
+        reward,
+        critic,
+        samples_per_prompt: int = 1,
+        max_new_tokens: int = 64,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        epochs: int = 2,
+        minibatches: int = 2,
+        eps_low: float = 0.2,
+        eps_high: float = 0.2,
+        gamma: float = 1.0,
+        lam: float = 0.95,
+        vf_coef: float = 0.1,
+        value_clip: float = 0.2,
+        whiten_advantages: bool = True,
+        loss_agg: str = "token_mean",
+        kl_reward_coef: float = 0.0,
+        kl_coef: float = 0.0,
+        kl_estimator: str = "k3",
+        reference=None,
+    ):
+        if loss_agg not in AGGREGATIONS:
+            raise RlxError(f"unknown algo.loss_agg={loss_agg!r}; valid: {', '.join(AGGREGATIONS)}")
+        if min(samples_per_prompt, epochs, minibatches) < 1:
+            raise RlxError("algo.samples_per_prompt, algo.epochs and algo.minibatches must be >= 1")
+        if (kl_coef > 0 or kl_reward_coef > 0) and reference is None:
+            raise RlxError("algo.kl_coef / algo.kl_reward_coef > 0 need a reference model: add algo.reference='${model}'")
+        self.reward, self.n, self.max_new_tokens = reward, samples_per_prompt, max_new_tokens
+        self.temperature, self.top_p, self.epochs, self.minibatches = temperature, top_p, epochs, minibatches
+        self.eps_low, self.eps_high, self.gamma, self.lam = eps_low, eps_high, gamma, lam
+        self.vf_coef, self.value_clip, self.whiten_advantages, self.loss_agg = vf_coef, value_clip, whiten_advantages, loss_agg
+        self.kl_reward_coef, self.kl_coef, self.kl_estimator = kl_reward_coef, kl_coef, kl_estimator
+        self.reference = reference.model.eval().requires_grad_(False) if reference is not None else None
+        self.critic = ValueModel(critic.model)
+        self._queue: list[dict] = []  # the minibatches of the rollout being replayed
+
+    # ------------------------------------------------------------------ what the loop sees
+
+    def parameters(self):
+        return self.critic.parameters()
+
+    def state_dict(self) -> dict:
+        return {"critic": self.critic.state_dict(), "queue": self._queue}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "critic" in state:
+            self.critic.load_state_dict(state["critic"])
+        device = self.critic.head.weight.device
+        self._queue = [{k: v.to(device) if isinstance(v, Tensor) else v for k, v in mb.items()}
+                       for mb in state.get("queue", [])]
+
+    def make_batch(self, examples, state) -> dict:
+        if not self._queue:  # only now are `examples` drawn from the stream
+            self._queue = self._rollout(examples, state)
+        return self._queue.pop(0)
+
+    # ------------------------------------------------------------------ rollout
+
+    @torch.no_grad()
+    def _rollout(self, examples, state) -> list[dict]:
+        model = state.model
+        scored = sample_and_score(examples, state, self.reward, n=self.n, max_new_tokens=self.max_new_tokens,
+                                  temperature=self.temperature, top_p=self.top_p)
+        input_ids, attention_mask = scored.rollout.sequences()
+        mask = scored.rollout.response_mask.float()
+        B, R = mask.shape
+        if B < self.minibatches:
+            raise RlxError(f"a rollout of {B} responses cannot make algo.minibatches={self.minibatches}")
+        old_logprobs = sequence_logprobs(model, input_ids, attention_mask, R, self.temperature)
+        old_values = self.critic(input_ids, attention_mask, R)
+        metrics = dict(scored.metrics)
+        data = {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": mask,
+                "old_logprobs": old_logprobs, "old_values": old_values}
+        kl = None
+        if self.reference is not None:
+            data["ref_logprobs"] = sequence_logprobs(self.reference, input_ids, attention_mask, R, self.temperature)
+            kl = kl_penalty(old_logprobs, data["ref_logprobs"], "k1")
+            metrics["rl/kl"] = masked_mean(kl_penalty(old_logprobs, data["ref_logprobs"], self.kl_estimator), mask).item()
+        token_rewards = score_rewards(scored.rewards.to(mask.device), mask, kl, self.kl_reward_coef)
+        advantages, returns = gae(token_rewards, old_values, mask, self.gamma, self.lam)
+        if self.whiten_advantages:
+            advantages = whiten(advantages, mask)
+        data.update(advantages=advantages, returns=returns)
+        metrics["rl/value_mean"] = masked_mean(old_values, mask).item()
+        metrics["rl/return_mean"] = masked_mean(returns, mask).item()
+        queue = []
+        for _ in range(self.epochs):
+            for rows in torch.randperm(B).chunk(self.minibatches):
+                rows = rows.to(mask.device)
+                mb = {k: v[rows] for k, v in data.items()}
+                mb["num_targets"] = int(aggregation_weight(mb["response_mask"], self.loss_agg, self.max_new_tokens))
+                mb["num_tokens"] = int(mb["response_mask"].sum())
+                mb["metrics"] = metrics
+                queue.append(mb)
+        return queue
+
+    # ------------------------------------------------------------------ loss
+
+    def loss(self, batch: dict, state):
+        ids, am, mask = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
+        R = mask.shape[1]
+        logprobs, entropy = sequence_logprobs_and_entropy(state.model, ids, am, R, self.temperature)
+        policy, clipped = clipped_policy_loss(logprobs, batch["old_logprobs"], batch["advantages"], mask,
+                                              self.eps_low, self.eps_high)
+        values = self.critic(ids, am, R)
+        value, value_clipped = clipped_value_loss(values, batch["old_values"], batch["returns"], mask, self.value_clip)
+        per_token = policy + self.vf_coef * value
+        metrics = dict(batch["metrics"])
+        if self.kl_coef:
+            kl = kl_penalty(logprobs, batch["ref_logprobs"], self.kl_estimator)
+            per_token = per_token + self.kl_coef * kl
+        loss = aggregate(per_token, mask, self.loss_agg, self.max_new_tokens)
+        log_ratio = (logprobs - batch["old_logprobs"]).detach()
+        metrics.update({
+            "train/loss": loss.detach(),
+            "rl/policy_loss": aggregate(policy, mask, self.loss_agg, self.max_new_tokens).item(),
+            "rl/value_loss": aggregate(value, mask, self.loss_agg, self.max_new_tokens).item(),
+            "rl/clip_frac": masked_mean(clipped.float(), mask).item(),
+            "rl/value_clip_frac": masked_mean(value_clipped.float(), mask).item(),
+            "rl/entropy": masked_mean(entropy, mask).item(),
+            "rl/approx_kl": masked_mean(0.5 * log_ratio.square(), mask).item(),  # TRL's approxkl
+        })
+        return loss, metrics
