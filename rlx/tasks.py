@@ -34,10 +34,12 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict:
     task = build(cfg.data)
     algo = build(cfg.algo)
     params = [p for p in policy.model.parameters() if p.requires_grad]
-    if hasattr(algo, "parameters"):  # modules an algorithm trains beside the policy (PPO's critic)
-        params += [p for p in algo.parameters() if p.requires_grad]
+    groups = [{"params": params}]
+    if hasattr(algo, "param_groups"):  # what an algorithm trains beside the policy (PPO's critic)
+        groups += algo.param_groups()
+        params = params + [p for g in groups[1:] for p in g["params"]]
     try:  # `_partial_` optimizers meet their parameters (and any bad values) only here
-        optimizer = build(cfg.optimizer)(params)
+        optimizer = build(cfg.optimizer)(groups)
     except (TypeError, ValueError) as e:
         raise RlxError(f"cannot build optimizer {cfg.optimizer.get('_target_')}: {e}") from None
     state = TrainState(policy.model, policy.tokenizer, optimizer, make_scheduler(optimizer, trainer_cfg), task)

@@ -20,18 +20,25 @@ Deviations, on purpose:
   the gradient's shape, exactly as in TRL and verl with one PPO epoch;
 * the KL reference is a second copy of the model built from the same config
   (`algo.reference='${model}'`), so a resumed run compares against the same weights;
-* dynamic sampling (DAPO's refill of all-equal groups) is not implemented yet.
+* dynamic sampling (`algo.dynamic_sampling=true`, DAPO's filter) draws its refills from the
+  training stream, at most `max_draws` extra micro-batches per micro-batch (verl's
+  max_num_gen_batches); if they run out it trains on the informative groups it found.
 """
 from __future__ import annotations
 
-import time
-
 import torch
 
-from rlx.algorithms._rl import aggregate, aggregation_weight, clipped_policy_loss, group_advantages, kl_penalty
-from rlx.data.collate import prompt_batch
+from rlx.algorithms._rl import (
+    aggregate,
+    aggregation_weight,
+    clipped_policy_loss,
+    group_advantages,
+    kl_penalty,
+    masked_mean,
+)
+from rlx.algorithms._sampling import Scored, sample_and_score
 from rlx.errors import RlxError
-from rlx.rollout import sample, sequence_logprobs
+from rlx.rollout import Rollout, sequence_logprobs, sequence_logprobs_and_entropy
 
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 SCALES = ("group", "batch", "none")
@@ -52,6 +59,8 @@ class GRPO:
         kl_coef: float = 0.0,
         kl_estimator: str = "k3",
         reference=None,
+        dynamic_sampling: bool = False,
+        max_draws: int = 4,
     ):
         if loss_agg not in AGGREGATIONS:
             raise RlxError(f"unknown algo.loss_agg={loss_agg!r}; valid: {', '.join(AGGREGATIONS)}")
@@ -65,65 +74,80 @@ class GRPO:
         self.temperature, self.top_p = temperature, top_p
         self.eps_low, self.eps_high, self.scale, self.loss_agg = eps_low, eps_high, scale, loss_agg
         self.kl_coef, self.kl_estimator = kl_coef, kl_estimator
+        self.dynamic_sampling, self.max_draws = dynamic_sampling, max_draws
         self.reference = reference.model.eval().requires_grad_(False) if reference is not None else None
 
     # ------------------------------------------------------------------ rollouts
 
+    def _sample(self, examples, state) -> Scored:
+        return sample_and_score(examples, state, self.reward, n=self.group_size, max_new_tokens=self.max_new_tokens,
+                                temperature=self.temperature, top_p=self.top_p)
+
+    def _informative(self, examples, state) -> tuple[Scored, dict]:
+        """DAPO's dynamic sampling: keep the groups whose rewards differ, drawing more prompts from
+        the stream until there are as many as asked for (or `max_draws` extra draws), and
+        truncate to that many. The rollout metrics are those of the first draw (the plain batch)."""
+        first = self._sample(examples, state)
+        want, G = len(first.rewards) // self.group_size, self.group_size
+        draws, kept, seen = [first], [], 0
+        while True:
+            scored = draws[-1]
+            spread = scored.rewards.view(-1, G).std(dim=1) > 0
+            kept += [(len(draws) - 1, g) for g in spread.nonzero().flatten().tolist()]
+            seen += len(spread)
+            if len(kept) >= want or len(draws) > self.max_draws or state.stream is None:
+                break
+            draws.append(self._sample(state.stream.next(), state))
+        kept = kept[:want] or [(0, g) for g in range(want)]  # nothing informative: train on zeros, as GRPO would
+        merged = Rollout.concat([d.rollout for d in draws], state.tokenizer.pad_token_id)
+        offsets = [0]
+        for d in draws:
+            offsets.append(offsets[-1] + len(d.rewards))
+        rows = torch.tensor([offsets[i] + g * G + j for i, g in kept for j in range(G)])
+        examples_all = [ex for d in draws for ex in d.examples]
+        scored = Scored([examples_all[r] for r in rows], merged.select(rows.to(merged.prompt_ids.device)),
+                        torch.cat([d.rewards for d in draws])[rows], dict(first.metrics))
+        scored.metrics["rl/rollout_s"] = sum(d.metrics["rl/rollout_s"] for d in draws)
+        return scored, {"rl/groups_with_signal": len(kept) / seen if seen else 0.0, "rl/draws": len(draws)}
+
     @torch.no_grad()
-    def make_batch(self, examples: list[dict], state) -> dict:
-        model, tok = state.model, state.tokenizer
-        t0 = time.perf_counter()
-        grouped = [ex for ex in examples for _ in range(self.group_size)]
-        prompts = prompt_batch([ex["prompt"] for ex in grouped], tok, model.device)
-        rollout = sample(model, prompts["input_ids"], prompts["attention_mask"], max_new_tokens=self.max_new_tokens,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                         temperature=self.temperature, top_p=self.top_p)
-        rollout_s = time.perf_counter() - t0
-        responses = tok.batch_decode(rollout.response_ids, skip_special_tokens=True)  # pad after EOS
-        rewards, reward_metrics = self.reward(responses, grouped, state.task)
-        advantages = group_advantages(rewards, self.group_size, scale=self.scale).to(model.device)
-        input_ids, attention_mask = rollout.sequences()
+    def make_batch(self, examples, state) -> dict:
+        model = state.model
+        if self.dynamic_sampling:
+            scored, extra = self._informative(examples, state)
+        else:
+            scored, extra = self._sample(examples, state), {}
+        advantages = group_advantages(scored.rewards, self.group_size, scale=self.scale).to(model.device)
+        input_ids, attention_mask = scored.rollout.sequences()
         batch = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
-            "response_mask": rollout.response_mask.float(),
+            "response_mask": scored.rollout.response_mask.float(),
             "advantages": advantages,
         }
         if self.reference is not None:
-            batch["ref_logprobs"] = self._logprobs(self.reference, batch)
-        lengths = rollout.response_mask.sum(-1).float()
+            batch["ref_logprobs"] = sequence_logprobs(self.reference, input_ids, attention_mask,
+                                                      batch["response_mask"].shape[1], self.temperature)
         batch["num_targets"] = int(aggregation_weight(batch["response_mask"], self.loss_agg, self.max_new_tokens))
-        batch["num_tokens"] = int(lengths.sum())  # generated tokens trained on
-        batch["metrics"] = {
-            **reward_metrics,
-            "reward/mean": rewards.mean().item(),
-            "reward/std": rewards.std().item(),
-            "rl/response_len": lengths.mean().item(),
-            "rl/response_len_p90": lengths.quantile(0.9).item(),
-            "rl/response_len_max": lengths.max().item(),
-            "rl/truncated": (~rollout.finished).float().mean().item(),
-            "rl/rollout_s": rollout_s,
-            "rl/rollout_tokens_per_s": lengths.sum().item() / rollout_s,
-        }
+        batch["num_tokens"] = int(batch["response_mask"].sum())  # generated tokens trained on
+        batch["metrics"] = {**scored.metrics, **extra}
         return batch
-
-    def _logprobs(self, model, batch: dict) -> torch.Tensor:
-        return sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"].shape[1],
-                                 temperature=self.temperature)
 
     # ------------------------------------------------------------------ loss
 
     def loss(self, batch: dict, state):
         mask = batch["response_mask"]
-        logprobs = self._logprobs(state.model, batch)
+        logprobs, entropy = sequence_logprobs_and_entropy(state.model, batch["input_ids"], batch["attention_mask"],
+                                                          mask.shape[1], self.temperature)
         per_token, clipped = clipped_policy_loss(logprobs, logprobs.detach(), batch["advantages"], mask,
                                                  self.eps_low, self.eps_high)
         metrics = dict(batch["metrics"])
         if self.reference is not None:
             kl = kl_penalty(logprobs, batch["ref_logprobs"], self.kl_estimator)
             per_token = per_token + self.kl_coef * kl
-            metrics["rl/kl"] = ((kl * mask).sum() / mask.sum()).item()
+            metrics["rl/kl"] = masked_mean(kl, mask).item()
         loss = aggregate(per_token, mask, self.loss_agg, self.max_new_tokens)
-        metrics["rl/clip_frac"] = ((clipped.float() * mask).sum() / mask.sum()).item()
+        metrics["rl/clip_frac"] = masked_mean(clipped.float(), mask).item()
+        metrics["rl/entropy"] = masked_mean(entropy, mask).item()
         metrics["train/loss"] = loss.detach()
         return loss, metrics

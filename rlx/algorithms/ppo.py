@@ -18,7 +18,8 @@ aggregated per `loss_agg` (token_mean, as TRL's PPOTrainer).
 
 The critic is a second copy of the policy's model (`critic: ${model}`, as TRL and verl use a
 separate value model) whose LM head is replaced by a zero-initialised Linear(hidden, 1), so
-every value starts at 0. Its parameters join the loop's optimizer (`parameters()`) and are
+every value starts at 0. Its parameters join the loop's optimizer as a second parameter group
+(`param_groups()`, at `critic_lr` if set: verl's critic.optim.lr) and are
 checkpointed with the rollout being replayed (`state_dict()`), so a resumed run continues
 exactly. Names: TRL num_ppo_epochs / num_mini_batches / vf_coef / cliprange_value / kl_coef;
 verl ppo_epochs / ppo_mini_batch_size / critic.cliprange_value / algorithm.kl_ctrl.
@@ -98,6 +99,7 @@ class PPO:
         kl_coef: float = 0.0,
         kl_estimator: str = "k3",
         reference=None,
+        critic_lr: float | None = None,
     ):
         if loss_agg not in AGGREGATIONS:
             raise RlxError(f"unknown algo.loss_agg={loss_agg!r}; valid: {', '.join(AGGREGATIONS)}")
@@ -111,13 +113,15 @@ class PPO:
         self.vf_coef, self.value_clip, self.whiten_advantages, self.loss_agg = vf_coef, value_clip, whiten_advantages, loss_agg
         self.kl_reward_coef, self.kl_coef, self.kl_estimator = kl_reward_coef, kl_coef, kl_estimator
         self.reference = reference.model.eval().requires_grad_(False) if reference is not None else None
-        self.critic = ValueModel(critic.model)
+        self.critic, self.critic_lr = ValueModel(critic.model), critic_lr
         self._queue: list[dict] = []  # the minibatches of the rollout being replayed
 
     # ------------------------------------------------------------------ what the loop sees
 
-    def parameters(self):
-        return self.critic.parameters()
+    def param_groups(self) -> list[dict]:
+        """The critic's parameters for the loop's optimizer, at `critic_lr` if set (else the optimizer's lr)."""
+        group = {"params": [p for p in self.critic.parameters() if p.requires_grad]}
+        return [group if self.critic_lr is None else {**group, "lr": self.critic_lr}]
 
     def state_dict(self) -> dict:
         return {"critic": self.critic.state_dict(), "queue": self._queue}

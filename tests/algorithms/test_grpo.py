@@ -8,6 +8,7 @@ import torch
 
 from rlx.algorithms.grpo import GRPO
 from rlx.data.reasoning import ReasoningTask
+from rlx.data.stream import ExampleStream
 from rlx.errors import RlxError
 from rlx.models import tiny
 from rlx.rewards import Correctness, WeightedSum
@@ -86,3 +87,29 @@ def test_grpo_runs_in_the_loop(tmp_path):
     run_training(cfg, tmp_path)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert {"reward/mean", "reward/correct", "rl/response_len", "rl/clip_frac", "rl/truncated"} <= set(rows[0])
+
+
+class OnlySome:
+    """Rewards with a spread (1, 0, 1, 0, ...) for problems with an even answer; 0 for all the others."""
+
+    def __call__(self, responses, examples, task):
+        return torch.tensor([float(i % 2 == 0 and int(ex["answer"]) % 2 == 0) for i, ex in enumerate(examples)])
+
+
+def test_dynamic_sampling_keeps_only_groups_with_a_spread_and_refills():
+    algo, state = setup(OnlySome(), dynamic_sampling=True, max_draws=8)
+    train = TASK.split("train")
+    assert {int(ex["answer"]) % 2 for ex in train} == {0, 1}  # both kinds exist
+    state.stream = ExampleStream(train, 2, seed=1)  # its first micro-batch has two odd answers
+    torch.manual_seed(0)
+    batch = algo.make_batch(state.stream.next(), state)
+    groups = batch["advantages"].view(-1, 4)
+    assert groups.shape == (2, 4) and (groups.abs().sum(1) > 0).all()  # 2 prompts, each informative
+    assert batch["metrics"]["rl/draws"] >= 1 and 0 < batch["metrics"]["rl/groups_with_signal"] <= 1
+    assert batch["metrics"]["rl/draws"] > 1 and batch["metrics"]["rl/groups_with_signal"] < 1
+
+
+def test_grpo_logs_entropy():
+    algo, state = setup(Alternating())
+    _, _, metrics = step(algo, state)
+    assert metrics["rl/entropy"] > 0 and metrics["rl/accuracy"] == 0.0  # an untrained model
