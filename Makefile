@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 #   make install TORCH=torch          (PyPI's default Linux build includes CUDA)
 TORCH  ?= torch==2.13.0
 
-.PHONY: install test test-slow smoke base bench lint clean
+.PHONY: install test test-slow smoke base bench bench-rl lint clean
 
 install:
 	python3 -m venv $(VENV)
@@ -33,6 +33,10 @@ base:
 
 bench:
 	$(PY) scripts/bench_loop.py
+
+# GRPO and DPO steps/s against TRL's trainers (TRL comes with the dev extras); needs `make base`.
+bench-rl:
+	$(PY) scripts/bench_rl.py
 
 lint:
 	$(VENV)/bin/ruff check rlx scripts tests

@@ -1,0 +1,489 @@
+"""RL speed against TRL: seconds per optimizer step of TRL's GRPOTrainer / DPOTrainer and rlx's
+GRPO / DPO on the same work, in one process (about 4 minutes on 2 quiet CPU cores).
+
+    python scripts/bench_rl.py                  # GRPO 4x8 and 16x8, DPO 16; 10 steps x 3 runs each side
+    python scripts/bench_rl.py --quick          # 3 steps, 1 run each, writes nothing: a smoke test
+    python scripts/bench_rl.py --render         # only rewrite the RESULTS.md section from --out
+
+Needs the tiny SFT base (`make base`) and TRL (`make install` puts it in the dev extras).
+
+The same work on both sides:
+* model   the tiny SFT base, loaded from its HF folder (TRL) or as `model=tiny_sft` (rlx), fp32, CPU;
+* GRPO    the reasoning task's train prompts, in the order rlx's ExampleStream draws them (TRL gets
+          them as an in-memory Dataset with its shuffling off), `--prompts` prompts per step x
+          `--group-size` samples, up to `--max-new-tokens` tokens, T=1, top_p=1, no top-k, reward =
+          rlx's exact-answer checker (`rlx.rewards.Correctness`), group-scaled advantages,
+          token-mean loss (TRL "dapo", rlx "token_mean"), no KL, one update per rollout, no vLLM;
+* DPO     `--dpo-pairs` pairs per step from `data=reasoning_pairs` in stream order (TRL's sampler
+          sequential), sigmoid loss, beta 0.1, a frozen reference forward on every new pair;
+* both    AdamW (betas 0.9/0.95, no weight decay) at a constant `--lr`, grad-norm clip 1.0, no
+          gradient checkpointing, no bf16, no eval, saving or logging inside the timed steps.
+
+Timing: the first step of each run is a warm-up and is left out; s/step is the mean of steps
+2..N. TRL's steps are timed with a TrainerCallback (on_step_end timestamps); rlx's from its
+per-step `time/batch_s + time/update_s` (log_every=1). Generated tokens (GRPO: sampled tokens up
+to and including EOS) and trained tokens (DPO: chosen + rejected completion tokens with EOS) are
+counted per step on both sides with the same definition: TRL's through its reward function /
+data collator, rlx's from `train/tokens`. Each side runs `--repeats` times, alternating which
+goes first, and the median run is reported. Another process holding a core slows a 2-thread
+torch run on 2 cores many times over, so each run waits for a quiet machine, the CPU time other
+processes take during it is measured (/proc/stat), and a disturbed run is redone (`--quiet`,
+`--retries`, `--max-wait`).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # TRL and transformers must not try the hub
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import RESULTS, ROOT, machine, now, write_section  # noqa: E402
+
+from rlx.config import build, compose_config  # noqa: E402
+from rlx.data.stream import ExampleStream  # noqa: E402
+from rlx.paths import cache_dir  # noqa: E402
+from rlx.rewards import Correctness  # noqa: E402
+from rlx.tasks import run_training  # noqa: E402
+
+HEADING = "## RL speed against TRL (bench_rl)"
+MODEL_DIR = cache_dir() / "models" / "tiny-sft"
+BETAS = (0.9, 0.95)  # conf/optimizer/adamw.yaml
+DPO_BETA = 0.1  # conf/algo/dpo.yaml
+
+
+# ---------------------------------------------------------------------------- shared
+
+
+def steady(times: list[float], tokens: list[int], rollout: list[float] | None = None) -> dict:
+    """Per-step figures over steps 2..N (step 1 is the warm-up); `rollout`: seconds spent sampling."""
+    assert len(times) == len(tokens), (len(times), len(tokens))
+    t, n = times[1:], tokens[1:]
+    out = {"s_per_step": sum(t) / len(t), "tokens_per_s": sum(n) / sum(t), "first_step_s": times[0],
+           "step_s": times, "step_tokens": tokens}
+    if rollout:
+        out |= {"rollout_s_per_step": sum(rollout[1:]) / len(t), "step_rollout_s": rollout}
+    return out
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median s/step (an odd number of repeats picks a real run)."""
+    return sorted(runs, key=lambda r: r["s_per_step"])[(len(runs) - 1) // 2]
+
+
+def stream_order(examples: list[dict], batch_size: int, steps: int, seed: int) -> list[dict]:
+    """The examples rlx's loop draws in its first `steps` micro-batches, in order."""
+    stream = ExampleStream(examples, batch_size, seed)
+    return [ex for _ in range(steps) for ex in stream.next()]
+
+
+def busy_cpu_s() -> float:
+    """CPU seconds the whole machine has spent busy since boot (/proc/stat: all but idle and iowait)."""
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
+class OtherCpu:
+    """Cores used by other processes while the block runs: machine busy time minus this process's
+    CPU time, over the wall time. Near 0 on a quiet machine; ~1 when another job holds a core,
+    which on 2 cores slows a 2-thread torch run many times over."""
+
+    def __enter__(self):
+        self.t0, self.busy0, self.own0 = time.perf_counter(), busy_cpu_s(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        wall = time.perf_counter() - self.t0
+        self.cores = max(0.0, (busy_cpu_s() - self.busy0) - (time.process_time() - self.own0)) / wall
+        return False
+
+
+def wait_for_quiet(max_wait_s: float, threshold: float) -> float:
+    """Poll until other processes use less than `threshold` cores (2 s samples) or `max_wait_s` passes."""
+    deadline = time.perf_counter() + max_wait_s
+    while True:
+        with OtherCpu() as other:
+            time.sleep(2.0)
+        if other.cores < threshold or time.perf_counter() > deadline:
+            return other.cores
+        print(f"  another process uses {other.cores:.1f} cores; waiting", flush=True)
+
+
+# ---------------------------------------------------------------------------- rlx
+
+
+def rlx_overrides(work: str, args) -> list[str]:
+    common = [
+        "model=tiny_sft", "model.device=cpu", f"optimizer.lr={args.lr}", "optimizer.weight_decay=0.0",
+        f"optimizer.betas=[{BETAS[0]},{BETAS[1]}]", "trainer.lr_scheduler=constant", "trainer.warmup_steps=0",
+        f"trainer.max_steps={args.steps}", "trainer.max_grad_norm=1.0", "trainer.grad_accum=1",
+        "trainer.precision=fp32", "trainer.log_every=1", "trainer.eval_every=0", "trainer.save_every=0",
+        "trainer.eval_samples=4", "trainer.eval_max_new_tokens=8", "trainer.progress=false", f"seed={args.seed}",
+    ]  # eval and the checkpoint come once, after the last step, outside the per-step times
+    if work == "grpo":
+        return [*common, "algo=grpo", "data=reasoning", f"trainer.micro_batch_size={args.prompts}",
+                f"algo.group_size={args.group_size}", f"algo.max_new_tokens={args.max_new_tokens}",
+                "algo.temperature=1.0", "algo.top_p=1.0", "algo.loss_agg=token_mean", "algo.scale=group",
+                "algo.kl_coef=0.0", "algo.dynamic_sampling=false"]  # TRL has no DAPO refills
+    return [*common, "algo=dpo", "data=reasoning_pairs", f"trainer.micro_batch_size={args.dpo_pairs}",
+            f"algo.beta={DPO_BETA}", "algo.loss_type=sigmoid"]
+
+
+def run_rlx(work: str, args) -> dict:
+    cfg = compose_config("train", rlx_overrides(work, args))
+    with tempfile.TemporaryDirectory() as run_dir, contextlib.redirect_stderr(io.StringIO()):  # its summary table
+        summary = run_training(cfg, Path(run_dir))
+        rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "time/update_s" in r]  # training rows (eval rows have no step times)
+    times = [r["time/batch_s"] + r["time/update_s"] for r in rows]
+    cumulative = [0] + [int(r["train/tokens"]) for r in rows]
+    tokens = [b - a for a, b in zip(cumulative, cumulative[1:])]
+    rollout = [r["rl/rollout_s"] for r in rows if "rl/rollout_s" in r]
+    return {**steady(times, tokens, rollout), "train_time_s": summary["train/time_s"],
+            "params_M": summary["params_M"]}
+
+
+# ---------------------------------------------------------------------------- TRL
+
+
+def trl_common(args, out_dir: str) -> dict:
+    return dict(
+        output_dir=out_dir, max_steps=args.steps, learning_rate=args.lr, lr_scheduler_type="constant",
+        warmup_steps=0, optim="adamw_torch", adam_beta1=BETAS[0], adam_beta2=BETAS[1], weight_decay=0.0,
+        max_grad_norm=1.0, gradient_accumulation_steps=1, gradient_checkpointing=False, bf16=False,
+        use_cpu=True, report_to="none", save_strategy="no", eval_strategy="no", logging_strategy="no",
+        disable_tqdm=True, seed=args.seed, dataloader_num_workers=0,
+    )
+
+
+def trl_model():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
+    model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32)
+    return model, tokenizer
+
+
+def step_timer():
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        """Wall-clock timestamps at the start of training and after every optimizer step."""
+
+        def __init__(self):
+            self.stamps: list[float] = []
+
+        def on_train_begin(self, *_, **__):
+            self.stamps = [time.perf_counter()]
+
+        def on_step_end(self, *_, **__):
+            self.stamps.append(time.perf_counter())
+
+        def times(self) -> list[float]:
+            return [b - a for a, b in zip(self.stamps, self.stamps[1:])]
+
+    return StepTimer()
+
+
+def trl_reward(task, counts: list[int], seen: list[str]):
+    """rlx's exact-answer checker as a TRL reward function; also counts each step's generated tokens
+    and records the prompts it was given."""
+    correctness = Correctness()
+
+    def correct(prompts, completions, completion_ids, answer, source, question, **_):
+        counts.append(sum(len(ids) for ids in completion_ids))  # ids run up to and including EOS
+        seen.extend(prompts)
+        examples = [{"answer": a, "source": s, "question": q} for a, s, q in zip(answer, source, question)]
+        return correctness(completions, examples, task).tolist()
+
+    return correct
+
+
+def run_trl_grpo(args) -> dict:
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    task = build(compose_config("train", ["data=reasoning"]).data)
+    examples = stream_order(task.split("train"), args.prompts, args.steps, args.seed)
+    dataset = Dataset.from_list([{k: ex[k] for k in ("prompt", "answer", "source", "question")} for ex in examples])
+    model, tokenizer = trl_model()
+    counts: list[int] = []
+    seen: list[str] = []
+    rollout = time_generate(model)
+    timer = step_timer()
+    with tempfile.TemporaryDirectory() as out_dir:
+        config = GRPOConfig(
+            **trl_common(args, out_dir), per_device_train_batch_size=args.prompts * args.group_size,
+            num_generations=args.group_size, steps_per_generation=1, num_iterations=1,
+            max_completion_length=args.max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, beta=0.0,
+            loss_type="dapo", scale_rewards="group", use_vllm=False, shuffle_dataset=False, log_completions=False,
+        )
+        trainer = GRPOTrainer(model=model, reward_funcs=trl_reward(task, counts, seen), args=config,
+                              train_dataset=dataset, processing_class=tokenizer, callbacks=[timer])
+        check_tokens(trainer, tokenizer)
+        wall = train_quietly(trainer)
+    # the same prompts as rlx, in the same order, each sampled group_size times in a row
+    assert seen == [ex["prompt"] for ex in examples for _ in range(args.group_size)], "TRL saw other prompts"
+    return {**steady(timer.times(), counts, rollout), "train_wall_s": wall}
+
+
+def time_generate(model) -> list[float]:
+    """Seconds of each `model.generate` call: TRL's sampling (it calls the model's own generate on one CPU)."""
+    seconds: list[float] = []
+    generate = model.generate
+
+    def timed(*args, **kwargs):
+        start = time.perf_counter()
+        out = generate(*args, **kwargs)
+        seconds.append(time.perf_counter() - start)
+        return out
+
+    model.generate = timed
+    return seconds
+
+
+def train_quietly(trainer) -> float:
+    """trainer.train() without its end-of-training metrics print; returns the wall time."""
+    start = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):
+        trainer.train()
+    return time.perf_counter() - start
+
+
+def check_tokens(trainer, tokenizer) -> None:
+    """TRL must stop and pad sampling with the same tokens rlx's rollout uses."""
+    gen = trainer.generation_config
+    eos = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
+    assert eos == [tokenizer.eos_token_id] and gen.pad_token_id == tokenizer.pad_token_id, (eos, gen.pad_token_id)
+
+
+def run_trl_dpo(args) -> dict:
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    task = build(compose_config("train", ["data=reasoning_pairs"]).data)
+    examples = stream_order(task.split("train"), args.dpo_pairs, args.steps, args.seed)
+    dataset = Dataset.from_list([{k: ex[k] for k in ("prompt", "chosen", "rejected")} for ex in examples])
+    model, tokenizer = trl_model()
+    timer = step_timer()
+    with tempfile.TemporaryDirectory() as out_dir:
+        config = DPOConfig(**trl_common(args, out_dir), per_device_train_batch_size=args.dpo_pairs,
+                           train_sampling_strategy="sequential", beta=DPO_BETA, loss_type="sigmoid",
+                           max_length=256, precompute_ref_log_probs=False)
+        trainer = DPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
+                             callbacks=[timer])
+        counts = count_completion_tokens(trainer)
+        wall = train_quietly(trainer)
+    return {**steady(timer.times(), counts), "train_wall_s": wall}
+
+
+def count_completion_tokens(trainer) -> list[int]:
+    """Wrap TRL's collator to count each batch's completion tokens (EOS included): rlx's `num_tokens`."""
+    counts: list[int] = []
+    collate = trainer.data_collator
+
+    def counting(features):
+        batch = collate(features)
+        counts.append(int(batch["completion_mask"].sum()))
+        return batch
+
+    trainer.data_collator = counting
+    return counts
+
+
+# ---------------------------------------------------------------------------- report
+
+
+TRL_RUNS = {"grpo": run_trl_grpo, "dpo": run_trl_dpo}
+
+
+def works_of(args) -> list[tuple[str, argparse.Namespace]]:
+    """(label, settings) of each work: GRPO once per `--prompts` value, then DPO."""
+    out = []
+    for work in args.works.split(","):
+        sizes = args.prompts if work == "grpo" else [None]
+        for p in sizes:
+            label = f"grpo {p}x{args.group_size}" if work == "grpo" else f"dpo {args.dpo_pairs}"
+            out.append((label, argparse.Namespace(**{**vars(args), "work": work, "prompts": p})))
+    return out
+
+
+def clean_run(run, args, rejected: list[dict]) -> dict:
+    """One run on a quiet machine: wait for other processes to settle, and rerun (up to --retries
+    times) a run during which they took more than --quiet cores; rejected runs are kept apart."""
+    for attempt in range(args.retries + 1):
+        wait_for_quiet(args.max_wait, args.quiet)
+        quiet_libraries()  # again: saving a checkpoint turns transformers' progress bars back on
+        with OtherCpu() as other:
+            result = run(args)
+        result["other_cores"] = other.cores
+        if other.cores < args.quiet or attempt == args.retries:
+            return result
+        print(f"  other processes took {other.cores:.1f} cores during the run ({result['s_per_step']:.3f} "
+              "s/step): rerunning", flush=True)
+        rejected.append(result)
+    raise AssertionError("unreachable")
+
+
+def bench(label: str, args) -> dict:
+    """`--repeats` runs of each side, alternating which goes first; the median run of each side."""
+    sides = {"trl": TRL_RUNS[args.work], "rlx": lambda a: run_rlx(a.work, a)}
+    runs: dict[str, list[dict]] = {"trl": [], "rlx": []}
+    rejected: list[dict] = []
+    for rep in range(args.repeats):
+        for side in (("trl", "rlx") if rep % 2 == 0 else ("rlx", "trl")):
+            runs[side].append(clean_run(sides[side], args, rejected))
+            print(f"{label} {side} run {rep + 1}: {runs[side][-1]['s_per_step']:.3f} s/step", flush=True)
+    trl, rlx = median_run(runs["trl"]), median_run(runs["rlx"])
+    return {"work": args.work, "prompts": args.prompts, "trl": trl, "rlx": rlx,
+            "speedup": trl["s_per_step"] / rlx["s_per_step"], "runs": runs, "rejected": rejected}
+
+
+def describe(res: dict, c: dict) -> str:
+    if res["work"] == "grpo":
+        return f"GRPO: {res['prompts']} prompts x {c['group_size']} samples, <= {c['max_new_tokens']} new tokens"
+    return f"DPO: {c['dpo_pairs']} pairs (sigmoid)"
+
+
+def spread(res: dict) -> str:
+    """Each side's range of s/step over its runs, and whether the two ranges overlap."""
+    lo, hi = ({side: f(run["s_per_step"] for run in runs) for side, runs in res["runs"].items()} for f in (min, max))
+    apart = hi["rlx"] < lo["trl"] or hi["trl"] < lo["rlx"]
+    return (f"TRL {lo['trl']:.3f}-{hi['trl']:.3f} / rlx {lo['rlx']:.3f}-{hi['rlx']:.3f} "
+            f"({'apart' if apart else 'overlapping'})")
+
+
+def table_rows(r: dict) -> list[str]:
+    rows = []
+    for res in r["works"].values():
+        trl, rlx = res["trl"], res["rlx"]
+        rollout = (f"{trl['rollout_s_per_step']:.2f} / {rlx['rollout_s_per_step']:.2f}"
+                   if "rollout_s_per_step" in trl else "-")
+        rows.append(f"| {describe(res, r['config'])} | {trl['s_per_step']:.3f} | {rlx['s_per_step']:.3f} | "
+                    f"**{res['speedup']:.2f}x** | {trl['tokens_per_s']:,.0f} | {rlx['tokens_per_s']:,.0f} | {rollout} |")
+    return rows
+
+
+def others(r: dict) -> str:
+    """How much other processes disturbed the reported runs, and how many runs were redone."""
+    values = [run["other_cores"] for res in r["works"].values() for side in res["runs"].values() for run in side]
+    redone = sum(len(res["rejected"]) for res in r["works"].values())
+    return (f"other processes used at most {max(values):.2f} cores during any reported run; {redone} run(s) "
+            f"disturbed by more than {r['config']['quiet']} cores were rerun (kept in the JSON under `rejected`)")
+
+
+def markdown(r: dict) -> str:
+    c, m = r["config"], r["machine"]
+    return "\n".join([
+        HEADING, "",
+        f"TRL {m['trl']} (`GRPOTrainer`, `DPOTrainer`) and rlx on the same work in one process: the tiny SFT base "
+        f"({r['params_M']:.2f}M parameters), fp32 on the CPU, the same prompts / pairs in the same order, AdamW at a "
+        f"constant lr {c['lr']}, {c['steps']} optimizer steps per run; s/step is the mean of steps 2..{c['steps']} "
+        f"(step 1 is a warm-up), from the median of {c['repeats']} runs of each side (alternating which goes "
+        "first). Tokens/s: GRPO's sampled tokens (up to and including EOS), DPO's trained completion tokens "
+        "(chosen + rejected), per second of those steps. Rollout: seconds per step in TRL's `model.generate` / "
+        "rlx's `rollout.sample`.", "",
+        "| work | TRL s/step | rlx s/step | speedup (TRL s / rlx s) | TRL tokens/s | rlx tokens/s | rollout s/step (TRL / rlx) |",
+        "|---|---:|---:|---:|---:|---:|---:|", *table_rows(r), "",
+        "- Not identical work: each side draws its own samples, so GRPO's response lengths (and so its work per "
+        "step) differ by chance; tokens/s is the fairer rate. Both compute GRPO's per-token entropy for their "
+        "metrics; TRL's DPO also computes entropies, logit means and top-1 accuracy, which rlx's does not; rlx's "
+        "DPO caches reference log-probs per pair, which pays off only from the second epoch (not reached here).",
+        "- Per-run s/step over all repeats: " + "; ".join(f"{w} {spread(res)}" for w, res in r["works"].items())
+        + "; where the ranges overlap, the difference is within the machine's run-to-run noise.",
+        "- Including the warm-up step (median runs): " + "; ".join(
+            f"{w} TRL `train()` {res['trl']['train_wall_s']:.1f} s, rlx `train/time_s` {res['rlx']['train_time_s']:.1f} s"
+            for w, res in r["works"].items()) + ".",
+        f"- Quiet machine: {others(r)}; a job holding a core slows 2-thread torch runs on 2 cores many times over.",
+        f"- Machine: {m['cpu']}, {m['cpu_count']} CPUs, {m['torch_threads']} torch threads, {m['device']}; "
+        f"Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}, trl {m['trl']}.",
+        f"- Command: `{r['command']}` ({r['date']}, {r['wall_min']:.1f} min in all).", ""])
+
+
+def print_table(result: dict) -> None:
+    print(f"{'work':<10} {'TRL s/step':>10} {'rlx s/step':>10} {'speedup':>8} {'TRL tok/s':>10} {'rlx tok/s':>10}")
+    for work, res in result["works"].items():
+        trl, rlx = res["trl"], res["rlx"]
+        print(f"{work:<10} {trl['s_per_step']:>10.3f} {rlx['s_per_step']:>10.3f} {res['speedup']:>7.2f}x "
+              f"{trl['tokens_per_s']:>10.0f} {rlx['tokens_per_s']:>10.0f}")
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=10, help="optimizer steps per run (the first is not timed)")
+    p.add_argument("--repeats", type=int, default=3, help="runs of each side per work; the median is reported")
+    p.add_argument("--prompts", type=lambda v: [int(x) for x in v.split(",")], default=[4, 16],
+                   help="GRPO prompts per step; comma-separated sizes are run one after another")
+    p.add_argument("--group-size", type=int, default=8, help="GRPO samples per prompt")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--dpo-pairs", type=int, default=16, help="DPO pairs per step")
+    p.add_argument("--lr", type=float, default=3e-5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--works", default="grpo,dpo", help="comma-separated subset of grpo,dpo")
+    p.add_argument("--quiet", type=float, default=0.25,
+                   help="most cores other processes may use during a run before it is rerun")
+    p.add_argument("--retries", type=int, default=2, help="reruns of a run disturbed by other processes")
+    p.add_argument("--max-wait", type=float, default=300, help="seconds to wait for a quiet machine before a run")
+    p.add_argument("--quick", action="store_true", help="3 steps, 1 repeat, and write nothing")
+    p.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "bench_rl.json")
+    p.add_argument("--render", action="store_true", help="only rewrite the RESULTS.md section from --out")
+    args = p.parse_args()
+    if args.quick:
+        args.steps, args.repeats = 3, 1
+    if args.steps < 2:
+        p.error("--steps must be >= 2: the first step is a warm-up")
+    return args
+
+
+def command(argv: list[str]) -> str:
+    return " ".join(["python scripts/bench_rl.py", *argv])
+
+
+def quiet_libraries() -> None:
+    """TRL's advice-level warnings and the loaders' progress bars would bury the table."""
+    import datasets
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+
+
+def main() -> None:
+    args = parse_args()
+    if args.render:
+        write_section(RESULTS, HEADING, markdown(json.loads(args.out.read_text())))
+        return
+    if not (MODEL_DIR / "config.json").exists():
+        raise SystemExit(f"no SFT base at {MODEL_DIR}: run `make base` first")
+    import trl
+
+    quiet_libraries()
+    start = time.perf_counter()
+    works = {label: bench(label, settings) for label, settings in works_of(args)}
+    result = {"date": now(), "machine": {**machine(), "trl": trl.__version__}, "command": command(sys.argv[1:]),
+              "params_M": next(iter(works.values()))["rlx"]["params_M"],
+              "config": {k: v for k, v in vars(args).items() if k not in ("out", "quick", "render")},
+              "works": works, "wall_min": (time.perf_counter() - start) / 60}
+    print_table(result)
+    if args.quick:
+        return
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_section(RESULTS, HEADING, markdown(result))
+    print(f"wrote {args.out} and {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
