@@ -43,6 +43,18 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int) -> tuple
 
 
 @torch.no_grad()
+def answers(model, tokenizer, task, examples: list[dict], batch_size: int, max_new_tokens: int) -> tuple[list, list]:
+    """Per example: whether the greedy answer is correct (task.score) and the response length."""
+    correct, lengths = [], []
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i : i + batch_size]
+        texts, lens = generate(model, tokenizer, [ex["prompt"] for ex in chunk], max_new_tokens)
+        correct += [task.score(t, ex) for t, ex in zip(texts, chunk)]
+        lengths += lens
+    return correct, lengths
+
+
+@torch.no_grad()
 def evaluate(model, tokenizer, task, split: str, num_samples: int, batch_size: int,
              max_new_tokens: int, max_length: int) -> dict:
     """`eval/accuracy`, `eval/response_len` (prompt tasks) and `eval/loss`, `eval/perplexity`."""
@@ -51,12 +63,7 @@ def evaluate(model, tokenizer, task, split: str, num_samples: int, batch_size: i
     examples = list(task.split(split))[:num_samples]
     metrics = perplexity(model, tokenizer, examples, batch_size, max_length)
     if examples and "prompt" in examples[0]:
-        correct, lengths = [], []
-        for i in range(0, len(examples), batch_size):
-            chunk = examples[i : i + batch_size]
-            texts, lens = generate(model, tokenizer, [ex["prompt"] for ex in chunk], max_new_tokens)
-            correct += [task.score(t, ex) for t, ex in zip(texts, chunk)]
-            lengths += lens
+        correct, lengths = answers(model, tokenizer, task, examples, batch_size, max_new_tokens)
         metrics["eval/accuracy"] = sum(correct) / len(correct)
         metrics["eval/response_len"] = sum(lengths) / len(lengths)
     model.train(was_training)
