@@ -8,8 +8,9 @@ the same 768 held-out problems (validation 256 + test 512) greedily, and the lif
 as a paired difference: the mean of (after - before) per problem with its standard error
 sd / sqrt(n), which is much tighter than comparing two independent accuracies because most
 problems are answered alike before and after. A lift more than two standard errors from zero
-is marked as significant. Also reported: the sampled (temperature 1) training accuracy of the
-first and last logging windows. Writes docs/results/bench_rl_lift.json and the "RL accuracy
+is marked as significant. Also reported: the sampled training accuracy (at the run's
+temperature) of the first and last logging windows. Writes docs/results/bench_rl_lift.json
+(runs of earlier invocations with other algorithms or overrides are kept) and the "RL accuracy
 lift" section of docs/RESULTS.md.
 """
 from __future__ import annotations
@@ -76,22 +77,24 @@ def render(result: dict) -> str:
     rows = [f"| SFT base | - | {base['validation']:.1%} | {base['test']:.1%} | {base['all']:.1%} | - | - |"]
     for r in result["runs"]:
         sig = " (significant)" if r["significant"] else ""
-        rows.append(f"| `experiment={r['algo']}_tiny {' '.join(r['overrides'])}`".rstrip() +
-                    f" | {r['steps']} steps, {r['train_time_s'] / 60:.1f} min | {r['accuracy']['validation']:.1%} | "
+        train = " ".join(["rlx train", f"experiment={r['algo']}_tiny", *r["overrides"]])
+        rows.append(f"| `{train}` |" +
+                    f" {r['steps']} steps, {r['train_time_s'] / 60:.1f} min | {r['accuracy']['validation']:.1%} | "
                     f"{r['accuracy']['test']:.1%} | {r['accuracy_all']:.1%} | "
                     f"**{r['lift']:+.1%} +- {r['lift_se']:.1%}**{sig} | "
                     f"{r['sampled_accuracy_first']:.1%} -> {r['sampled_accuracy_last']:.1%} |")
     m = result["machine"]
+    commands = ", ".join(sorted({f"`{r['command']}`" for r in result["runs"]}))
     return "\n".join([
         HEADING, "",
         f"Greedy accuracy on the same {n} held-out problems (validation 256 + test 512) before and after RL from the "
         "tiny SFT base; the lift is the paired per-problem difference +- its standard error (significant: beyond "
-        "2 s.e.). The last column is the sampled (temperature 1) accuracy of the training rollouts, first and last "
-        "logging window.", "",
+        "2 s.e.). The last column is the sampled accuracy of the training rollouts (at the run's temperature), first "
+        "and last logging window.", "",
         "| run | training | validation | test | all | lift (paired) | sampled acc. in training |",
         "|---|---|---:|---:|---:|---:|---:|", *rows, "",
         f"- Machine: {m['cpu']}, {m['cpu_count']} CPUs, {m['device']}; torch {m['torch']}.",
-        f"- Command: `{result['command']}` ({result['date']}).", ""])
+        f"- Commands: {commands} (last run {result['date']}).", ""])
 
 
 def main() -> None:
@@ -107,9 +110,16 @@ def main() -> None:
     base_acc = {s: sum(v) / len(v) for s, v in base.items()}
     base_acc["all"] = sum(sum(v) for v in base.values()) / sum(len(v) for v in base.values())
     runs = [run(algo, overrides, base, task) for algo in args.algos]
-    result = {"date": now(), "machine": machine(), "command": "python scripts/bench_rl_lift.py " + " ".join(sys.argv[1:]),
-              "base": base_acc, "runs": runs}
-    (ROOT / "docs" / "results" / "bench_rl_lift.json").write_text(json.dumps(result, indent=2) + "\n")
+    out = ROOT / "docs" / "results" / "bench_rl_lift.json"
+    # Runs of other (algo, overrides) from earlier invocations stay in the table; reruns replace theirs.
+    key = lambda r: (r["algo"], tuple(r["overrides"]))
+    earlier = json.loads(out.read_text())["runs"] if out.exists() else []
+    runs = [r for r in earlier if key(r) not in {key(n) for n in runs}] + runs
+    command = " ".join(["python scripts/bench_rl_lift.py", *sys.argv[1:]])
+    for r in runs:
+        r.setdefault("command", command)
+    result = {"date": now(), "machine": machine(), "base": base_acc, "runs": runs}
+    out.write_text(json.dumps(result, indent=2) + "\n")
     section = render(result)
     write_section(RESULTS, HEADING, section)
     print(section)

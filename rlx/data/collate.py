@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from rlx.errors import RlxError
+
 IGNORE = -100  # label value that cross-entropy skips
 
 
@@ -32,6 +34,9 @@ def lm_batch(examples: list[dict], tokenizer, max_length: int) -> dict:
 def pair_rows(examples: list[dict]) -> list[dict]:
     """Preference pairs as `lm_batch` rows: every chosen response, then every rejected one, so a
     single forward scores both sides and `.chunk(2)` splits them again."""
+    if examples and not {"chosen", "rejected"} <= set(examples[0]):
+        raise RlxError("this algorithm trains on preference pairs (prompt, chosen, rejected), and the data has "
+                       f"fields {sorted(examples[0])}: add data=reasoning_pairs")
     return [{"prompt": ex["prompt"], "completion": ex[side]} for side in ("chosen", "rejected") for ex in examples]
 
 

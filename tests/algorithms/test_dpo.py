@@ -147,3 +147,8 @@ def test_dpo_runs_in_the_loop(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert {"train/loss", "dpo/reward_margin", "dpo/reward_accuracy", "dpo/chosen_reward"} <= set(rows[0])
     assert rows[0]["train/loss"] == pytest.approx(math.log(2), abs=1e-4)  # policy == reference at step 1
+
+
+def test_dpo_on_data_without_pairs_is_one_clear_error(tmp_path):
+    with pytest.raises(RlxError, match="add data=reasoning_pairs"):
+        run_training(small_config("algo=dpo", "trainer.max_steps=1"), tmp_path)
