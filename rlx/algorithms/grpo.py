@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 
 from rlx.algorithms._rl import (
+    AGG_MODES,
     aggregate,
     aggregation_weight,
     clipped_policy_loss,
@@ -40,7 +41,6 @@ from rlx.algorithms._sampling import Scored, sample_and_score
 from rlx.errors import RlxError
 from rlx.rollout import Rollout, sequence_logprobs, sequence_logprobs_and_entropy
 
-AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 SCALES = ("group", "batch", "none")
 
 
@@ -62,8 +62,8 @@ class GRPO:
         dynamic_sampling: bool = False,
         max_draws: int = 4,
     ):
-        if loss_agg not in AGGREGATIONS:
-            raise RlxError(f"unknown algo.loss_agg={loss_agg!r}; valid: {', '.join(AGGREGATIONS)}")
+        if loss_agg not in AGG_MODES:
+            raise RlxError(f"unknown algo.loss_agg={loss_agg!r}; valid: {', '.join(AGG_MODES)}")
         if scale not in SCALES:
             raise RlxError(f"unknown algo.scale={scale!r}; valid: {', '.join(SCALES)}")
         if group_size < 2:
@@ -87,28 +87,23 @@ class GRPO:
         """DAPO's dynamic sampling: keep the groups whose rewards differ, drawing more prompts from
         the stream until there are as many as asked for (or `max_draws` extra draws), and
         truncate to that many. The rollout metrics are those of the first draw (the plain batch)."""
-        first = self._sample(examples, state)
-        want, G = len(first.rewards) // self.group_size, self.group_size
-        draws, kept, seen = [first], [], 0
-        while True:
-            scored = draws[-1]
-            spread = scored.rewards.view(-1, G).std(dim=1) > 0
-            kept += [(len(draws) - 1, g) for g in spread.nonzero().flatten().tolist()]
-            seen += len(spread)
-            if len(kept) >= want or len(draws) > self.max_draws or state.stream is None:
-                break
+        G = self.group_size
+        draws = [self._sample(examples, state)]
+        want = len(draws[0].rewards) // G
+        spread = lambda: torch.cat([d.rewards for d in draws]).view(-1, G).std(dim=1) > 0  # per group
+        while int(spread().sum()) < want and len(draws) <= self.max_draws and state.stream is not None:
             draws.append(self._sample(state.stream.next(), state))
-        kept = kept[:want] or [(0, g) for g in range(want)]  # nothing informative: train on zeros, as GRPO would
+        informative = spread()
+        groups = informative.nonzero().flatten()[:want]
+        if len(groups) == 0:  # nothing informative: train on the first draw's zeros, as GRPO would
+            groups = torch.arange(want)
+        rows = (groups[:, None] * G + torch.arange(G)).flatten()
         merged = Rollout.concat([d.rollout for d in draws], state.tokenizer.pad_token_id)
-        offsets = [0]
-        for d in draws:
-            offsets.append(offsets[-1] + len(d.rewards))
-        rows = torch.tensor([offsets[i] + g * G + j for i, g in kept for j in range(G)])
         examples_all = [ex for d in draws for ex in d.examples]
         scored = Scored([examples_all[r] for r in rows], merged.select(rows.to(merged.prompt_ids.device)),
-                        torch.cat([d.rewards for d in draws])[rows], dict(first.metrics))
+                        torch.cat([d.rewards for d in draws])[rows], dict(draws[0].metrics))
         scored.metrics["rl/rollout_s"] = sum(d.metrics["rl/rollout_s"] for d in draws)
-        return scored, {"rl/groups_with_signal": len(kept) / seen if seen else 0.0, "rl/draws": len(draws)}
+        return scored, {"rl/groups_with_signal": informative.float().mean().item(), "rl/draws": len(draws)}
 
     @torch.no_grad()
     def make_batch(self, examples, state) -> dict:

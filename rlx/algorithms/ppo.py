@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from rlx.algorithms._rl import (
+    AGG_MODES,
     aggregate,
     aggregation_weight,
     clipped_policy_loss,
@@ -40,7 +41,6 @@ from rlx.algorithms._rl import (
     whiten,
 )
 from rlx.algorithms._sampling import sample_and_score
-from rlx.algorithms.grpo import AGGREGATIONS
 from rlx.errors import RlxError
 from rlx.rollout import positions, sequence_logprobs, sequence_logprobs_and_entropy
 
@@ -101,8 +101,8 @@ class PPO:
         reference=None,
         critic_lr: float | None = None,
     ):
-        if loss_agg not in AGGREGATIONS:
-            raise RlxError(f"unknown algo.loss_agg={loss_agg!r}; valid: {', '.join(AGGREGATIONS)}")
+        if loss_agg not in AGG_MODES:
+            raise RlxError(f"unknown algo.loss_agg={loss_agg!r}; valid: {', '.join(AGG_MODES)}")
         if min(samples_per_prompt, epochs, minibatches) < 1:
             raise RlxError("algo.samples_per_prompt, algo.epochs and algo.minibatches must be >= 1")
         if (kl_coef > 0 or kl_reward_coef > 0) and reference is None:
