@@ -1,8 +1,11 @@
 """Rewards for RL: plain callables composed by config (the `reward` group).
 
-A reward term is called as `term(responses, examples, task) -> Tensor[B]` (one float per
-response); `WeightedSum` adds weighted terms and reports each one under `reward/<name>`.
-Length penalties (DLER, DRPO, ...) and learned reward models are more terms of the same shape.
+A reward term is called as `term(responses, examples, task, lengths) -> Tensor[B]` (one float
+per response; `lengths` is each response's token count, EOS included); `WeightedSum` adds
+weighted terms and reports each one under `reward/<name>`. The naive length penalty and learned
+reward models are terms of that shape; the length-aware methods that need a whole group or
+batch (DLER's truncation, GRPO-lambda's switch, DRPO's weights, DOT's cut) shape their rewards
+or advantages in their algorithm module instead.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ from rlx.data.reasoning import extract_answer
 class Correctness:
     """1.0 when the task's exact checker accepts the response's final answer, else 0.0."""
 
-    def __call__(self, responses: list[str], examples: list[dict], task) -> torch.Tensor:
+    def __call__(self, responses: list[str], examples: list[dict], task, lengths=None) -> torch.Tensor:
         return torch.tensor([task.score(r, ex) for r, ex in zip(responses, examples, strict=True)])
 
 
@@ -22,9 +25,33 @@ class Format:
     """1.0 when the response ends in a parseable final-answer line (`#### <answer>`), else 0.0:
     rewards the output format independently of correctness."""
 
-    def __call__(self, responses: list[str], examples: list[dict], task) -> torch.Tensor:
+    def __call__(self, responses: list[str], examples: list[dict], task, lengths=None) -> torch.Tensor:
         ok = [r.rstrip().rsplit("\n", 1)[-1].startswith("####") and extract_answer(r) is not None for r in responses]
         return torch.tensor(ok, dtype=torch.float32)
+
+
+class LengthPenalty:
+    """-|o| / max_len: the naive additive length penalty (weight it in a `WeightedSum`).
+
+    Added to correctness with weight c, a response scores correct - c |o| / max_len whether it is
+    right or wrong. This is the baseline the efficient-reasoning papers beat: after GRPO's group
+    centring a correct but long response can score below its group's mean when wrong answers are
+    short, so the penalty can push against correct reasoning (DRPO's argument), and it shortens
+    answers on prompts the model cannot yet solve (GRPO-lambda's). `max_len` is the generation
+    budget, so the term lies in [-1, 0].
+    """
+
+    def __init__(self, max_len: int):
+        if max_len < 1:
+            from rlx.errors import RlxError
+
+            raise RlxError(f"length penalty max_len={max_len} must be >= 1 (the generation budget)")
+        self.max_len = max_len
+
+    def __call__(self, responses: list[str], examples: list[dict], task, lengths=None) -> torch.Tensor:
+        if lengths is None:
+            raise ValueError("LengthPenalty needs the responses' token lengths")
+        return -torch.as_tensor(lengths, dtype=torch.float32).cpu() / self.max_len
 
 
 class WeightedSum:
@@ -37,11 +64,12 @@ class WeightedSum:
             raise RlxError(f"reward terms {sorted(terms)} and weights {sorted(weights)} must name the same terms")
         self.terms, self.weights = terms, weights
 
-    def __call__(self, responses: list[str], examples: list[dict], task) -> tuple[torch.Tensor, dict[str, float]]:
+    def __call__(self, responses: list[str], examples: list[dict], task,
+                 lengths=None) -> tuple[torch.Tensor, dict[str, float]]:
         total = torch.zeros(len(responses))
         metrics = {}
         for name, term in self.terms.items():
-            values = term(responses, examples, task).float()
+            values = term(responses, examples, task, lengths).float()
             total += self.weights[name] * values
             metrics[f"reward/{name}"] = values.mean().item()
         return total, metrics
@@ -62,7 +90,7 @@ class RewardModel:
         self.batch_size, self.max_length = batch_size, max_length
 
     @torch.no_grad()
-    def __call__(self, responses: list[str], examples: list[dict], task) -> torch.Tensor:
+    def __call__(self, responses: list[str], examples: list[dict], task, lengths=None) -> torch.Tensor:
         from rlx.algorithms.rm import sequence_reward
         from rlx.data.collate import lm_batch
 

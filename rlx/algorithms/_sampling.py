@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from rlx.data.collate import prompt_batch
@@ -27,6 +28,7 @@ class Scored:
     examples: list[dict]  # one per row: each prompt repeated `n` times, groups contiguous
     rollout: Rollout
     rewards: Tensor  # [B] float32, on the CPU
+    correct: Tensor  # [B] float32 0/1 on the CPU: the task's checker, whatever the reward
     metrics: dict[str, float]
 
 
@@ -42,15 +44,15 @@ def sample_and_score(examples, state, reward, *, n: int, max_new_tokens: int, te
                      temperature=temperature, top_p=top_p)
     rollout_s = time.perf_counter() - t0
     responses = tok.batch_decode(rollout.response_ids, skip_special_tokens=True)  # pad after EOS
-    rewards, reward_metrics = reward(responses, rows, state.task)
-    rewards = rewards.float().cpu()
-    correct = [state.task.score(r, ex) for r, ex in zip(responses, rows, strict=True)]
     lengths = rollout.response_mask.sum(-1).float().cpu()
+    rewards, reward_metrics = reward(responses, rows, state.task, lengths)
+    rewards = rewards.float().cpu()
+    correct = torch.tensor([state.task.score(r, ex) for r, ex in zip(responses, rows, strict=True)])
     metrics = {
         **reward_metrics,
         "reward/mean": rewards.mean().item(),
         "reward/std": rewards.std().item() if len(rewards) > 1 else 0.0,
-        "rl/accuracy": sum(correct) / len(correct),
+        "rl/accuracy": correct.mean().item(),
         "rl/response_len": lengths.mean().item(),
         "rl/response_len_p90": lengths.quantile(0.9).item(),
         "rl/response_len_max": lengths.max().item(),
@@ -58,4 +60,4 @@ def sample_and_score(examples, state, reward, *, n: int, max_new_tokens: int, te
         "rl/rollout_s": rollout_s,
         "rl/rollout_tokens_per_s": lengths.sum().item() / rollout_s,
     }
-    return Scored(rows, rollout, rewards, metrics)
+    return Scored(rows, rollout, rewards, correct, metrics)

@@ -27,6 +27,7 @@ Deviations, on purpose:
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from rlx.algorithms._rl import (
     AGG_MODES,
@@ -101,7 +102,8 @@ class GRPO:
         merged = Rollout.concat([d.rollout for d in draws], state.tokenizer.pad_token_id)
         examples_all = [ex for d in draws for ex in d.examples]
         scored = Scored([examples_all[r] for r in rows], merged.select(rows.to(merged.prompt_ids.device)),
-                        torch.cat([d.rewards for d in draws])[rows], dict(draws[0].metrics))
+                        torch.cat([d.rewards for d in draws])[rows], torch.cat([d.correct for d in draws])[rows],
+                        dict(draws[0].metrics))
         scored.metrics["rl/rollout_s"] = sum(d.metrics["rl/rollout_s"] for d in draws)
         return scored, {"rl/groups_with_signal": informative.float().mean().item(), "rl/draws": len(draws)}
 
@@ -112,7 +114,7 @@ class GRPO:
             scored, extra = self._informative(examples, state)
         else:
             scored, extra = self._sample(examples, state), {}
-        advantages = group_advantages(scored.rewards, self.group_size, scale=self.scale).to(model.device)
+        advantages = self.advantages(scored).to(model.device)
         input_ids, attention_mask = scored.rollout.sequences()
         batch = {
             "input_ids": input_ids,
@@ -128,21 +130,30 @@ class GRPO:
         batch["metrics"] = {**scored.metrics, **extra}
         return batch
 
+    def advantages(self, scored: Scored) -> Tensor:
+        """[B] advantage per response (variants override this to shape rewards by group or batch;
+        they may add their own numbers to `scored.metrics`)."""
+        return group_advantages(scored.rewards, self.group_size, scale=self.scale)
+
     # ------------------------------------------------------------------ loss
+
+    def policy_loss(self, logprobs: Tensor, advantages: Tensor, mask: Tensor) -> tuple[Tensor, dict]:
+        """Per-token policy loss [B, T] and its metrics: the clipped surrogate, old = current."""
+        per_token, clipped = clipped_policy_loss(logprobs, logprobs.detach(), advantages, mask,
+                                                 self.eps_low, self.eps_high)
+        return per_token, {"rl/clip_frac": masked_mean(clipped.float(), mask).item()}
 
     def loss(self, batch: dict, state):
         mask = batch["response_mask"]
         logprobs, entropy = sequence_logprobs_and_entropy(state.model, batch["input_ids"], batch["attention_mask"],
                                                           mask.shape[1], self.temperature)
-        per_token, clipped = clipped_policy_loss(logprobs, logprobs.detach(), batch["advantages"], mask,
-                                                 self.eps_low, self.eps_high)
-        metrics = dict(batch["metrics"])
+        per_token, policy_metrics = self.policy_loss(logprobs, batch["advantages"], mask)
+        metrics = {**batch["metrics"], **policy_metrics}
         if self.reference is not None:
             kl = kl_penalty(logprobs, batch["ref_logprobs"], self.kl_estimator)
             per_token = per_token + self.kl_coef * kl
             metrics["rl/kl"] = masked_mean(kl, mask).item()
         loss = aggregate(per_token, mask, self.loss_agg, self.max_new_tokens)
-        metrics["rl/clip_frac"] = masked_mean(clipped.float(), mask).item()
         metrics["rl/entropy"] = masked_mean(entropy, mask).item()
         metrics["train/loss"] = loss.detach()
         return loss, metrics

@@ -21,7 +21,7 @@ TASK = ReasoningTask(num_train=16, num_validation=2, num_test=2)
 
 
 class Constant:
-    def __call__(self, responses, examples, task):
+    def __call__(self, responses, examples, task, lengths=None):
         return torch.ones(len(responses))
 
 
@@ -44,7 +44,7 @@ def step(algo, state):
 class Alternating:
     """Rewards 1, 0, 1, 0, ... so every group has a spread and a non-zero advantage."""
 
-    def __call__(self, responses, examples, task):
+    def __call__(self, responses, examples, task, lengths=None):
         return torch.tensor([float(i % 2 == 0) for i in range(len(responses))])
 
 
@@ -92,7 +92,7 @@ def test_grpo_runs_in_the_loop(tmp_path):
 class OnlySome:
     """Rewards with a spread (1, 0, 1, 0, ...) for problems with an even answer; 0 for all the others."""
 
-    def __call__(self, responses, examples, task):
+    def __call__(self, responses, examples, task, lengths=None):
         return torch.tensor([float(i % 2 == 0 and int(ex["answer"]) % 2 == 0) for i, ex in enumerate(examples)])
 
 
