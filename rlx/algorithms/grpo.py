@@ -62,6 +62,7 @@ class GRPO:
         reference=None,
         dynamic_sampling: bool = False,
         max_draws: int = 4,
+        minibatches: int = 1,
     ):
         if loss_agg not in AGG_MODES:
             raise RlxError(f"unknown algo.loss_agg={loss_agg!r}; valid: {', '.join(AGG_MODES)}")
@@ -71,11 +72,14 @@ class GRPO:
             raise RlxError("algo.group_size must be >= 2: advantages are relative to the group")
         if kl_coef > 0 and reference is None:
             raise RlxError("algo.kl_coef > 0 needs a reference model: add algo.reference='${model}'")
+        if minibatches < 1:
+            raise RlxError("algo.minibatches must be >= 1")
         self.reward, self.group_size, self.max_new_tokens = reward, group_size, max_new_tokens
         self.temperature, self.top_p = temperature, top_p
         self.eps_low, self.eps_high, self.scale, self.loss_agg = eps_low, eps_high, scale, loss_agg
         self.kl_coef, self.kl_estimator = kl_coef, kl_estimator
-        self.dynamic_sampling, self.max_draws = dynamic_sampling, max_draws
+        self.dynamic_sampling, self.max_draws, self.minibatches = dynamic_sampling, max_draws, minibatches
+        self._queue: list[dict] = []
         self.reference = reference.model.eval().requires_grad_(False) if reference is not None else None
 
     # ------------------------------------------------------------------ rollouts
@@ -107,8 +111,22 @@ class GRPO:
         scored.metrics["rl/rollout_s"] = sum(d.metrics["rl/rollout_s"] for d in draws)
         return scored, {"rl/groups_with_signal": informative.float().mean().item(), "rl/draws": len(draws)}
 
-    @torch.no_grad()
     def make_batch(self, examples, state) -> dict:
+        if not self._queue:  # only now are `examples` drawn from the stream
+            self._queue = self._rollout(examples, state)
+        device = state.model.device  # a resumed queue comes back on the CPU
+        return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in self._queue.pop(0).items()}
+
+    def state_dict(self) -> dict:
+        return {"queue": self._queue}  # the minibatches of a rollout still being replayed
+
+    def load_state_dict(self, state: dict) -> None:
+        self._queue = list(state.get("queue", []))
+
+    @torch.no_grad()
+    def _rollout(self, examples, state) -> list[dict]:
+        """Sample, score and compute advantages; cut the rollout into `minibatches` minibatches of
+        whole groups (one optimizer step each, verl's ppo_mini_batch_size)."""
         model = state.model
         if self.dynamic_sampling:
             scored, extra = self._informative(examples, state)
@@ -116,19 +134,28 @@ class GRPO:
             scored, extra = self._sample(examples, state), {}
         advantages = self.advantages(scored).to(model.device)
         input_ids, attention_mask = scored.rollout.sequences()
-        batch = {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "response_mask": scored.rollout.response_mask.float(),
-            "advantages": advantages,
-        }
+        mask = scored.rollout.response_mask.float()
+        data = {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": mask,
+                "advantages": advantages}
+        if self.minibatches > 1:  # later minibatches see a policy that has moved: keep the behaviour's
+            data["old_logprobs"] = sequence_logprobs(model, input_ids, attention_mask, mask.shape[1], self.temperature)
         if self.reference is not None:
-            batch["ref_logprobs"] = sequence_logprobs(self.reference, input_ids, attention_mask,
-                                                      batch["response_mask"].shape[1], self.temperature)
-        batch["num_targets"] = int(aggregation_weight(batch["response_mask"], self.loss_agg, self.max_new_tokens))
-        batch["num_tokens"] = int(batch["response_mask"].sum())  # generated tokens trained on
-        batch["metrics"] = {**scored.metrics, **extra}
-        return batch
+            data["ref_logprobs"] = sequence_logprobs(self.reference, input_ids, attention_mask, mask.shape[1],
+                                                     self.temperature)
+        metrics = {**scored.metrics, **extra}
+        groups = len(advantages) // self.group_size
+        if groups < self.minibatches:
+            raise RlxError(f"a rollout of {groups} groups cannot make algo.minibatches={self.minibatches}")
+        order = torch.randperm(groups) if self.minibatches > 1 else torch.arange(groups)
+        queue = []
+        for chunk in order.chunk(self.minibatches):
+            rows = (chunk[:, None] * self.group_size + torch.arange(self.group_size)).flatten().to(mask.device)
+            mb = {k: v[rows] for k, v in data.items()}
+            mb["num_targets"] = int(aggregation_weight(mb["response_mask"], self.loss_agg, self.max_new_tokens))
+            mb["num_tokens"] = int(mb["response_mask"].sum())  # generated tokens trained on
+            mb["metrics"] = metrics
+            queue.append(mb)
+        return queue
 
     def advantages(self, scored: Scored) -> Tensor:
         """[B] advantage per response (variants override this to shape rewards by group or batch;
@@ -137,9 +164,10 @@ class GRPO:
 
     # ------------------------------------------------------------------ loss
 
-    def policy_loss(self, logprobs: Tensor, advantages: Tensor, mask: Tensor) -> tuple[Tensor, dict]:
-        """Per-token policy loss [B, T] and its metrics: the clipped surrogate, old = current."""
-        per_token, clipped = clipped_policy_loss(logprobs, logprobs.detach(), advantages, mask,
+    def policy_loss(self, logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor,
+                    mask: Tensor) -> tuple[Tensor, dict]:
+        """Per-token policy loss [B, T] and its metrics: the clipped surrogate."""
+        per_token, clipped = clipped_policy_loss(logprobs, old_logprobs, advantages, mask,
                                                  self.eps_low, self.eps_high)
         return per_token, {"rl/clip_frac": masked_mean(clipped.float(), mask).item()}
 
@@ -147,7 +175,8 @@ class GRPO:
         mask = batch["response_mask"]
         logprobs, entropy = sequence_logprobs_and_entropy(state.model, batch["input_ids"], batch["attention_mask"],
                                                           mask.shape[1], self.temperature)
-        per_token, policy_metrics = self.policy_loss(logprobs, batch["advantages"], mask)
+        old = batch.get("old_logprobs", logprobs.detach())  # one update per rollout: old = current
+        per_token, policy_metrics = self.policy_loss(logprobs, old, batch["advantages"], mask)
         metrics = {**batch["metrics"], **policy_metrics}
         if self.reference is not None:
             kl = kl_penalty(logprobs, batch["ref_logprobs"], self.kl_estimator)

@@ -12,9 +12,11 @@ from rlx.data.stream import ExampleStream
 from rlx.errors import RlxError
 from rlx.models import tiny
 from rlx.rewards import Correctness, WeightedSum
+from rlx.rollout import sequence_logprobs
 from rlx.state import TrainState
 from rlx.tasks import run_training
 from tests.conftest import small_config
+from tests.test_loop import hook, losses
 
 SMALL = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64}
 TASK = ReasoningTask(num_train=16, num_validation=2, num_test=2)
@@ -113,3 +115,37 @@ def test_grpo_logs_entropy():
     algo, state = setup(Alternating())
     _, _, metrics = step(algo, state)
     assert metrics["rl/entropy"] > 0 and metrics["rl/accuracy"] == 0.0  # an untrained model
+
+
+def test_minibatches_replay_one_rollout_in_whole_groups_and_keep_the_behaviour_logprobs():
+    algo, state = setup(Alternating(), minibatches=2)
+    first = algo.make_batch(TASK.split("train")[:2], state)
+    second = algo.make_batch(None, state)  # the rollout's second minibatch: it draws no data
+    assert not algo._queue
+    for mb in (first, second):
+        assert mb["input_ids"].shape[0] == 4  # one whole group of 4
+        assert mb["advantages"].sum().abs() < 1e-5 and mb["advantages"].abs().min() > 0  # centred in its group
+    loss, metrics = algo.loss(first, state)  # the behaviour policy itself: ratio 1, nothing clipped
+    assert metrics["rl/clip_frac"] == 0.0
+    loss.backward()
+    state.optimizer.step()
+    moved = sequence_logprobs(state.model, second["input_ids"], second["attention_mask"],
+                              second["response_mask"].shape[1])
+    mask = second["response_mask"]
+    assert not torch.allclose(moved * mask, second["old_logprobs"] * mask)  # the second step sees a ratio != 1
+
+
+GRPO_RUN = ["algo=grpo", "algo.group_size=2", "algo.max_new_tokens=8", "algo.minibatches=2",
+            "trainer.micro_batch_size=2", "trainer.eval_every=0",
+            "reward.terms.correct._target_=tests.algorithms.test_grpo.Alternating"]
+
+
+def test_interrupted_grpo_resumes_mid_rollout_exactly(tmp_path):
+    common = [*GRPO_RUN, "trainer.max_steps=4", "trainer.save_every=1"]  # a rollout lasts 2 steps
+    run_training(small_config(*common), tmp_path / "straight")
+    with pytest.raises(KeyboardInterrupt):
+        run_training(small_config(*common, *hook("stop", "tests.test_loop.InterruptAt", step=3)), tmp_path / "cut")
+    run_training(small_config(*common, "trainer.resume=auto"), tmp_path / "cut")
+    straight = losses(tmp_path / "straight")
+    assert straight[1] != 0 and straight[3] != straight[1]  # replayed minibatches: ratio != 1, so it can fail
+    assert losses(tmp_path / "cut") == pytest.approx(straight, abs=1e-6)
