@@ -1,6 +1,6 @@
 """The `rlx` command. Typer routes, Hydra runs: `train` hands its arguments untouched to a
 `@hydra.main` task (so overrides, -m multirun, sweepers, launchers and --cfg all work);
-`ls`, `config show` and `eval` compose configs directly.
+`ls`, `config show` and `eval` compose configs directly; `plot` and `merge` work on run folders.
 """
 from __future__ import annotations
 
@@ -109,6 +109,23 @@ def plot(
 
     try:
         typer.echo(f"wrote {plot_runs(runs, keys.split(',') if keys else None, out)}")
+    except RlxError as e:
+        _fail(e)
+
+
+@app.command()
+def merge(
+    base: Path = typer.Argument(..., help="the model before RL: a checkpoint, checkpoints/ or run folder"),
+    tuned: Path = typer.Argument(..., help="the model after RL (e.g. algo=dler), same architecture"),
+    out: Path = typer.Argument(..., help="the folder to write the merged checkpoint to"),
+    keep: float = typer.Option(0.25, help="fraction of each tensor's largest-magnitude updates kept"),
+    scale: float = typer.Option(0.7, help="factor on the kept updates"),
+) -> None:
+    """DLER's update-selective merge: base + scale * (the top `keep` of each tensor's update)."""
+    from rlx.merge import merge_checkpoints
+
+    try:
+        typer.echo(f"wrote {merge_checkpoints(base, tuned, out, keep, scale)}")
     except RlxError as e:
         _fail(e)
 

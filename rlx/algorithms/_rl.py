@@ -34,18 +34,24 @@ def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
-def group_advantages(rewards: Tensor, group_size: int, scale: str = "group", eps: float = 1e-4) -> Tensor:
+def group_advantages(rewards: Tensor, group_size: int, scale: str = "group", eps: float = 1e-4,
+                     lengths: Tensor | None = None) -> Tensor:
     """GRPO advantages A_i = (r_i - mean_group(r)) / (std + eps), rows laid out group after group.
 
     scale="group":  std of the sample's own group (GRPO; TRL scale_rewards="group",
                     verl norm_adv_by_std_in_grpo=True, OpenRLHF group_norm).
     scale="batch":  std of all rewards passed in (TRL scale_rewards="batch"; like TRL, the std of
                     the raw rewards, not of the centred advantages).
+    scale="batch_tokens": the group-centred values whitened over every response token of the
+                    batch: a token-weighted mean and Bessel-corrected std, so longer responses
+                    weigh more (`lengths` required). verl adv_estimator=reinforce_plus_plus_baseline
+                    (group mean, then masked_whiten); DLER's batch normalisation (its eq. 3).
     scale="none":   mean-centred only (Dr.GRPO; TRL "none", verl norm_adv_by_std_in_grpo=False,
                     OpenRLHF dr_grpo).
 
     The std is torch.std's default, the unbiased (n-1) estimator, as TRL, verl and OpenRLHF use;
-    eps=1e-4 is TRL's (verl uses 1e-6). A group whose rewards are all equal gets advantage 0.
+    eps=1e-4 is TRL's (verl uses 1e-6). A group whose rewards are all equal gets advantage 0
+    (except under batch_tokens, whose batch re-centring shifts it, as in verl).
     """
     if group_size < 2 or rewards.numel() % group_size:
         raise ValueError(f"need groups of >= 2 samples dividing the batch; got {rewards.numel()} rows, "
@@ -58,9 +64,23 @@ def group_advantages(rewards: Tensor, group_size: int, scale: str = "group", eps
         std = grouped.std(dim=1).repeat_interleave(group_size)
     elif scale == "batch":
         std = grouped.std()
+    elif scale == "batch_tokens":
+        if lengths is None:
+            raise ValueError("scale='batch_tokens' needs the responses' token lengths")
+        return token_whiten(centred, lengths)
     else:
-        raise ValueError(f"scale must be 'group', 'batch' or 'none', not {scale!r}")
+        raise ValueError(f"scale must be 'group', 'batch', 'batch_tokens' or 'none', not {scale!r}")
     return centred / (std + eps)
+
+
+def token_whiten(values: Tensor, lengths: Tensor) -> Tensor:
+    """Per-sequence `values` [B] whitened as if broadcast over each sequence's `lengths` tokens:
+    `whiten` of the [B, T] broadcast, taken back to one value per sequence."""
+    w = lengths.to(values.device, torch.float32)
+    n = w.sum()
+    mean = (w * values).sum() / n.clamp(min=1)
+    var = (w * (values - mean).square()).sum() / (n - 1).clamp(min=1)
+    return (values - mean) * torch.rsqrt(var + 1e-8)
 
 
 def clipped_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,

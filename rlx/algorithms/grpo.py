@@ -8,7 +8,8 @@ switches the later papers added.
 Per optimizer step, each of the micro-batch's prompts is sampled `group_size` times
 (`rlx.rollout`), every response is scored by the `reward` config group, and the advantage of
 a response is its reward minus its group's mean, divided by the group's std (`scale=group`),
-the batch std (`scale=batch`) or nothing (`scale=none`, Dr. GRPO). The loss is the clipped
+the batch std (`scale=batch`), whitened over the batch's tokens (`scale=batch_tokens`, DLER) or
+nothing (`scale=none`, Dr. GRPO). The loss is the clipped
 surrogate (eq. 3 of the paper, with asymmetric clipping as in DAPO) plus an optional
 KL term to a frozen reference (k3 estimator by default), aggregated per `loss_agg`
 (`rlx.algorithms._rl.aggregate`: token_mean = TRL "dapo"/verl "token-mean";
@@ -42,7 +43,7 @@ from rlx.algorithms._sampling import Scored, sample_and_score
 from rlx.errors import RlxError
 from rlx.rollout import Rollout, sequence_logprobs, sequence_logprobs_and_entropy
 
-SCALES = ("group", "batch", "none")
+SCALES = ("group", "batch", "batch_tokens", "none")
 
 
 class GRPO:
@@ -160,7 +161,7 @@ class GRPO:
     def advantages(self, scored: Scored) -> Tensor:
         """[B] advantage per response (variants override this to shape rewards by group or batch;
         they may add their own numbers to `scored.metrics`)."""
-        return group_advantages(scored.rewards, self.group_size, scale=self.scale)
+        return group_advantages(scored.rewards, self.group_size, scale=self.scale, lengths=scored.rollout.lengths)
 
     # ------------------------------------------------------------------ loss
 
