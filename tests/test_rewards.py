@@ -31,3 +31,29 @@ def test_weighted_sum_adds_terms_and_reports_each():
 def test_weights_must_name_the_terms():
     with pytest.raises(RlxError, match="must name the same terms"):
         WeightedSum({"correct": Correctness()}, {"corect": 1.0})
+
+
+def test_length_penalty_is_linear_in_tokens_whatever_the_answer():
+    from rlx.rewards import LengthPenalty
+
+    reward = WeightedSum({"correct": Correctness(), "length": LengthPenalty(max_len=64)}, {"correct": 1.0, "length": 0.5})
+    total, metrics = reward(RESPONSES, [EX] * 3, TASK, torch.tensor([32, 16, 64]))
+    assert total.tolist() == pytest.approx([1 - 0.25, 0 - 0.125, 1 - 0.5])
+    assert metrics["reward/length"] == pytest.approx(-(0.5 + 0.25 + 1.0) / 3)
+
+
+def test_a_correct_long_answer_can_sit_below_its_groups_mean_under_the_naive_penalty():
+    # DRPO's argument: short wrong answers pull the group mean above a long correct one
+    from rlx.algorithms._rl import group_advantages
+
+    rewards = torch.tensor([1.0, 0.0, 1.0, 1.0]) - 0.5 * torch.tensor([64, 2, 10, 10]) / 64
+    assert group_advantages(rewards, 4)[0] < 0 < group_advantages(rewards, 4)[3]  # a right answer pushed down
+
+
+def test_length_penalty_in_a_grpo_config(tmp_path):
+    from rlx.tasks import run_training
+    from tests.conftest import small_config
+
+    run_training(small_config("algo=grpo", "reward=length_penalty", "algo.group_size=2", "algo.max_new_tokens=8",
+                              "trainer.micro_batch_size=2"), tmp_path)
+    assert "reward/length" in (tmp_path / "metrics.jsonl").read_text()

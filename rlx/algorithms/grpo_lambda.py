@@ -1,0 +1,111 @@
+"""GRPO-lambda: "Stable Reinforcement Learning for Efficient Reasoning" (Dai, Liu, Si, 2025,
+arXiv 2505.18086). Not the eligibility-trace method of the same name (arXiv 2510.00194).
+
+    rlx train algo=grpo_lambda model=tiny_sft
+    rlx train algo=grpo_lambda algo.fraction=1.0      # every group length-penalised: GRPO + LP
+    rlx train algo=grpo_lambda algo.mode=threshold algo.threshold=0.75
+
+A length penalty applied to every prompt shortens answers and then collapses accuracy, because
+on prompts the model cannot yet solve the penalty fights the correctness signal. GRPO-lambda
+applies it only where the model is already competent, and recomputes where that is on every
+batch:
+
+    rho_k = mean_i c_k^i                           the group's correctness ratio (the task's checker)
+    S     = the floor(lambda * K) groups of the batch with the largest rho_k     (mode=topk)
+            (or every group with rho_k >= threshold                              (mode=threshold))
+    r_k^i = 1 - alpha * sigmoid((L_k^i - mean L_k,correct) / std L_k,correct)   if k in S and correct
+          = 0                                                                    if k in S and wrong
+          = the configured reward (0/1 correctness)                              if k not in S
+    A_k^i = GRPO's group-normalised advantage of r_k^i; the update is GRPO's.
+
+Inside S a correct answer always scores above a wrong one (alpha < 1), so length only reorders
+the correct answers; an all-wrong group scores 0 either way.
+
+The paper body could not be read; the rule and the reward above follow a detailed secondary
+write-up of its method section. Choices where it is silent, each a config option:
+* `fraction` (lambda) 0.2, the value the paper's Fig. 2 illustrates; `alpha` 0.6 (unconfirmed);
+* ties in rho are broken by batch order (a stable sort), floor(lambda * K) groups are selected;
+* the length statistics are the population mean/std of the group's correct responses, with the
+  std floored at 1e-4 so a group with one correct answer gives z = 0 (r = 1 - alpha/2);
+* `length_reward=kimi` swaps in Kimi-1.5's min-max length reward (correct: 0.5 - (L - min) /
+  (max - min); wrong: min(0, that)), the paper's named example of a length-penalty reward;
+* `mode=threshold` is an ablation, not the paper's rule.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from rlx.algorithms._rl import group_advantages
+from rlx.algorithms._sampling import Scored
+from rlx.algorithms.grpo import GRPO
+from rlx.errors import RlxError
+
+MODES = ("topk", "threshold")
+LENGTH_REWARDS = ("sigmoid", "kimi")
+
+
+def efficiency_groups(ratios: Tensor, fraction: float, mode: str = "topk", threshold: float = 1.0) -> Tensor:
+    """Bool [K]: the groups that get the length-penalised reward."""
+    if mode == "threshold":
+        return ratios >= threshold
+    k = int(fraction * len(ratios) + 1e-9)
+    chosen = torch.zeros(len(ratios), dtype=torch.bool)
+    chosen[torch.sort(ratios, descending=True, stable=True).indices[:k]] = True
+    return chosen
+
+
+def sigmoid_length_reward(lengths: Tensor, correct: Tensor, alpha: float) -> Tensor:
+    """[G] rewards of one group: 1 - alpha * sigmoid(z-scored length among the correct), 0 if wrong."""
+    right = correct > 0
+    if not right.any():
+        return torch.zeros_like(lengths, dtype=torch.float32)
+    ok = lengths[right].float()
+    z = (lengths.float() - ok.mean()) / ok.std(unbiased=False).clamp(min=1e-4)
+    return torch.where(right, 1 - alpha * torch.sigmoid(z), 0.0)
+
+
+def kimi_length_reward(lengths: Tensor, correct: Tensor, alpha: float = 1.0) -> Tensor:
+    """[G] Kimi-1.5's length reward added to correctness: lambda = 0.5 - (L - min) / (max - min) over
+    the group; correct: 1 + alpha * lambda, wrong: alpha * min(0, lambda)."""
+    lengths = lengths.float()
+    span = (lengths.max() - lengths.min()).clamp(min=1e-4)
+    lam = 0.5 - (lengths - lengths.min()) / span
+    return torch.where(correct > 0, 1 + alpha * lam, alpha * lam.clamp(max=0))
+
+
+class GRPOLambda(GRPO):
+    def __init__(self, reward, fraction: float = 0.2, alpha: float = 0.6, mode: str = "topk",
+                 threshold: float = 1.0, length_reward: str = "sigmoid", **grpo):
+        super().__init__(reward, **grpo)
+        if mode not in MODES:
+            raise RlxError(f"unknown algo.mode={mode!r}; valid: {', '.join(MODES)}")
+        if length_reward not in LENGTH_REWARDS:
+            raise RlxError(f"unknown algo.length_reward={length_reward!r}; valid: {', '.join(LENGTH_REWARDS)}")
+        if not 0.0 <= fraction <= 1.0:
+            raise RlxError(f"algo.fraction={fraction} must be in [0, 1]")
+        self.fraction, self.alpha, self.mode, self.threshold = fraction, alpha, mode, threshold
+        self.length_reward = sigmoid_length_reward if length_reward == "sigmoid" else kimi_length_reward
+
+    def shaped_rewards(self, rewards: Tensor, correct: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        """(rewards with S's groups length-penalised, the bool [K] selection S)."""
+        G = self.group_size
+        ratios = correct.float().view(-1, G).mean(1)
+        chosen = efficiency_groups(ratios, self.fraction, self.mode, self.threshold)
+        out = rewards.float().clone().view(-1, G)
+        for k in chosen.nonzero().flatten().tolist():
+            out[k] = self.length_reward(lengths.view(-1, G)[k], correct.view(-1, G)[k], self.alpha)
+        return out.view(-1), chosen
+
+    def advantages(self, scored: Scored) -> Tensor:
+        lengths = scored.rollout.lengths.cpu().float()
+        rewards, chosen = self.shaped_rewards(scored.rewards, scored.correct, lengths)
+        G = self.group_size
+        ratios = scored.correct.float().view(-1, G).mean(1)
+        mean_len = lengths.view(-1, G).mean(1)
+        scored.metrics["grpo_lambda/selected"] = chosen.float().mean().item()
+        for name, rows in (("selected", chosen), ("rest", ~chosen)):
+            if rows.any():  # an empty side has no mean: leave it out rather than log NaN
+                scored.metrics[f"grpo_lambda/rho_{name}"] = ratios[rows].mean().item()
+                scored.metrics[f"grpo_lambda/len_{name}"] = mean_len[rows].mean().item()
+        return group_advantages(rewards, G, scale=self.scale, lengths=lengths)
