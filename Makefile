@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 #   make install TORCH=torch          (PyPI's default Linux build includes CUDA)
 TORCH  ?= torch==2.13.0
 
-.PHONY: install test test-slow smoke base bench bench-rl lint clean
+.PHONY: install test test-slow smoke base bench bench-rl bench-length lint clean
 
 install:
 	python3 -m venv $(VENV)
@@ -37,6 +37,10 @@ bench:
 # GRPO and DPO steps/s against TRL's trainers (TRL comes with the dev extras); needs `make base`.
 bench-rl:
 	$(PY) scripts/bench_rl.py
+
+# The accuracy-length frontier of the efficient-reasoning methods and PPO vs T-PPO (hours on 2 CPU cores).
+bench-length:
+	$(PY) scripts/bench_length_rl.py
 
 lint:
 	$(VENV)/bin/ruff check rlx scripts tests

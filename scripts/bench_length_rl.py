@@ -1,0 +1,286 @@
+"""The accuracy-length frontier of the efficient-reasoning RL methods on the embedded task.
+
+    make bench-length                                     # = python scripts/bench_length_rl.py; needs `make base`
+    python scripts/bench_length_rl.py --methods grpo dler --seeds 0 1 2 --rollouts 40
+    python scripts/bench_length_rl.py --methods ppo tppo  # the wall-clock comparison only
+
+Every run starts from the tiny SFT base (`make base`) with the same prompts per rollout, group
+size, learning rate, number of rollouts and seeds; only the method differs (METHODS below). After
+training, the final checkpoint answers the 256 validation problems 4 times each at the training
+temperature (T = 1, budget 128 tokens, fixed sampling seed), as the papers report pass@1 averaged
+over samples: sampled accuracy, mean and p90 response length, tokens per correct answer, and the
+share of responses that re-check their steps (the redundant reasoning the SFT traces carry;
+a trace without it is ~29 tokens, so that is about the floor of what a method can cut without
+skipping arithmetic). Greedy validation accuracy is reported beside it.
+
+PPO against T-PPO compares reward (training accuracy) against wall-clock seconds: the time T-PPO
+needs to reach PPO's final training accuracy (mean of the last 5 logged steps), and tokens
+trained per second.
+
+Writes docs/results/bench_length_rl.json (runs of earlier invocations with other methods or seeds
+are kept), the "Accuracy-length frontier" section of docs/RESULTS.md, and the plots
+docs/length_frontier.png and docs/tppo_wallclock.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _results import RESULTS, ROOT, machine, now, write_section  # noqa: E402
+
+from rlx.config import build, compose_config  # noqa: E402
+from rlx.data.collate import prompt_batch  # noqa: E402
+from rlx.evaluate import answers  # noqa: E402
+from rlx.models import hf  # noqa: E402
+from rlx.rollout import sample  # noqa: E402
+from rlx.state import find_checkpoint  # noqa: E402
+from rlx.tasks import run_training  # noqa: E402
+
+HEADING = "## Accuracy-length frontier (bench_length_rl)"
+OUT = ROOT / "docs" / "results" / "bench_length_rl.json"
+EVAL_SAMPLES, EVAL_BUDGET = 4, 128
+
+# What every GRPO-family run shares: prompts per rollout, group size 8, minibatches per rollout.
+PROMPTS, MINIBATCHES = 16, 2
+COMMON = ["model=tiny_sft", f"trainer.micro_batch_size={PROMPTS}", "optimizer.lr=3e-5", "trainer.warmup_steps=0",
+          "trainer.lr_scheduler=constant", "trainer.eval_every=0", "trainer.save_every=0", "trainer.log_every=1",
+          "trainer.progress=false"]
+FAMILY = ["algo.group_size=8", f"algo.minibatches={MINIBATCHES}"]
+METHODS = {
+    "grpo": ["algo=grpo", "algo.max_new_tokens=128", *FAMILY],
+    "naive_lp": ["algo=grpo", "algo.max_new_tokens=128", "reward=length_penalty", "reward.weights.length=0.5",
+                 *FAMILY],
+    "dler": ["algo=dler", *FAMILY],
+    "dler_da": ["algo=dler", "algo.difficulty_aware=true", *FAMILY],
+    "drpo": ["algo=drpo", "algo.max_new_tokens=128", *FAMILY],
+    "grpo_lambda": ["algo=grpo_lambda", "algo.max_new_tokens=128", *FAMILY],
+    "dot": ["algo=dot", "algo.max_new_tokens=128", *FAMILY],
+    "ppo": ["algo=ppo", "algo.max_new_tokens=128", "algo.samples_per_prompt=8", "algo.epochs=1",
+            f"algo.minibatches={MINIBATCHES}", "algo.lam=1.0", "algo.critic_lr=1e-3"],
+    "tppo": ["algo=tppo", "algo.max_new_tokens=128", "algo.samples_per_prompt=8", "algo.lam=1.0",
+             "algo.critic_lr=1e-3"],
+}
+RL_PAIR = ("ppo", "tppo")
+
+
+@torch.no_grad()
+def sampled_eval(model, tokenizer, task, seed: int = 1234) -> dict:
+    """pass@1 over EVAL_SAMPLES samples per validation problem at T = 1, and the response lengths."""
+    examples = [ex for ex in task.split("validation") for _ in range(EVAL_SAMPLES)]
+    generator = torch.Generator(device=model.device).manual_seed(seed)
+    texts, lengths = [], []
+    for i in range(0, len(examples), 256):
+        chunk = examples[i:i + 256]
+        batch = prompt_batch([ex["prompt"] for ex in chunk], tokenizer, model.device)
+        rollout = sample(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=EVAL_BUDGET,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         temperature=1.0, generator=generator)
+        texts += tokenizer.batch_decode(rollout.response_ids, skip_special_tokens=True)
+        lengths += rollout.lengths.tolist()
+    correct = [task.score(t, ex) for t, ex in zip(texts, examples, strict=True)]
+    lengths_t = torch.tensor(lengths, dtype=torch.float32)
+    greedy, _ = answers(model, tokenizer, task, task.split("validation"), 64, EVAL_BUDGET)
+    return {
+        "accuracy": sum(correct) / len(correct),
+        "mean_len": lengths_t.mean().item(),
+        "p90_len": lengths_t.quantile(0.9).item(),
+        "tokens_per_correct": lengths_t.sum().item() / max(sum(correct), 1),
+        "recheck_rate": sum("check:" in t for t in texts) / len(texts),
+        "greedy_accuracy": sum(greedy) / len(greedy),
+    }
+
+
+def curve(run_dir: Path) -> list[dict]:
+    """Per logged step: cumulative wall-clock seconds (batch + update), training accuracy, tokens."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    out, clock = [], 0.0
+    for r in rows:
+        if "time/batch_s" not in r:
+            continue
+        clock += r["time/batch_s"] + r.get("time/update_s", 0.0)
+        out.append({"step": r["step"], "time_s": clock, "accuracy": r.get("rl/accuracy"),
+                    "response_len": r.get("rl/response_len"), "tokens": r.get("train/tokens")})
+    return out
+
+
+def run(method: str, seed: int, rollouts: int, overrides: list[str], task) -> dict:
+    steps = rollouts * (1 if method == "tppo" else MINIBATCHES)
+    cfg = compose_config("train", [*COMMON, *METHODS[method], f"seed={seed}", f"trainer.max_steps={steps}", *overrides])
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as run_dir:
+        summary = run_training(cfg, Path(run_dir))
+        trained = hf(str(find_checkpoint(run_dir)), dtype="float32", device="cpu")
+        result = sampled_eval(trained.model, trained.tokenizer, task)
+        points = curve(Path(run_dir))
+    return {"method": method, "seed": seed, "rollouts": rollouts, "overrides": overrides, "steps": summary["steps"],
+            "train_time_s": summary["train/time_s"], "wall_s": time.perf_counter() - t0, **result, "curve": points}
+
+
+def mean_se(values: list[float]) -> tuple[float, float]:
+    m = sum(values) / len(values)
+    if len(values) < 2:
+        return m, float("nan")
+    return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1) / len(values))
+
+
+def summarise(runs: list[dict]) -> dict[str, dict]:
+    by: dict[str, list[dict]] = {}
+    for r in runs:
+        by.setdefault(r["method"], []).append(r)
+    keys = ("accuracy", "mean_len", "p90_len", "tokens_per_correct", "recheck_rate", "greedy_accuracy", "train_time_s")
+    return {m: {"seeds": len(rs), **{k: mean_se([r[k] for r in rs]) for k in keys}} for m, rs in by.items()}
+
+
+def time_to_reach(points: list[dict], target: float, window: int = 5) -> float | None:
+    """Seconds until the moving average of training accuracy first reaches `target`."""
+    acc = [p["accuracy"] for p in points]
+    for i in range(window - 1, len(acc)):
+        if sum(acc[i - window + 1:i + 1]) / window >= target:
+            return points[i]["time_s"]
+    return None
+
+
+def wallclock(runs: list[dict]) -> list[dict]:
+    """Per seed run in both PPO and T-PPO: PPO's final training accuracy and the time each takes to reach it."""
+    rows = []
+    seeds = sorted({r["seed"] for r in runs if r["method"] == RL_PAIR[0]} & {r["seed"] for r in runs
+                                                                            if r["method"] == RL_PAIR[1]})
+    for seed in seeds:
+        ppo, tppo = (next(r for r in runs if r["method"] == m and r["seed"] == seed) for m in RL_PAIR)
+        target = sum(p["accuracy"] for p in ppo["curve"][-5:]) / 5
+        t_ppo, t_tppo = time_to_reach(ppo["curve"], target), time_to_reach(tppo["curve"], target)
+        rows.append({"seed": seed, "target": target, "ppo_s": t_ppo, "tppo_s": t_tppo,
+                     "ppo_total_s": ppo["curve"][-1]["time_s"], "tppo_total_s": tppo["curve"][-1]["time_s"],
+                     "ppo_tokens_per_s": ppo["curve"][-1]["tokens"] / ppo["curve"][-1]["time_s"],
+                     "tppo_tokens_per_s": tppo["curve"][-1]["tokens"] / tppo["curve"][-1]["time_s"]})
+    return rows
+
+
+def fmt(pair: tuple[float, float], spec: str, scale: float = 1.0) -> str:
+    m, se = pair
+    return f"{m * scale:{spec}}" + ("" if math.isnan(se) else f" ± {se * scale:{spec}}")
+
+
+def render(result: dict) -> str:
+    base, summary = result["base"], summarise(result["runs"])
+    rows = [f"| SFT base | - | {base['accuracy']:.1%} | {base['mean_len']:.1f} | {base['p90_len']:.0f} | "
+            f"{base['tokens_per_correct']:.1f} | {base['recheck_rate']:.1%} | {base['greedy_accuracy']:.1%} | - |"]
+    for method in [m for m in METHODS if m in summary]:
+        s = summary[method]
+        cut = 1 - s["mean_len"][0] / base["mean_len"]
+        rows.append(f"| {method} | {s['seeds']} | {fmt(s['accuracy'], '.1f', 100)}% | {fmt(s['mean_len'], '.1f')} "
+                    f"({cut:+.0%}) | {fmt(s['p90_len'], '.0f')} | {fmt(s['tokens_per_correct'], '.1f')} | "
+                    f"{fmt(s['recheck_rate'], '.1f', 100)}% | {fmt(s['greedy_accuracy'], '.1f', 100)}% | "
+                    f"{s['train_time_s'][0] / 60:.1f} |")
+    m = result["machine"]
+    lines = [HEADING, "",
+             f"From the tiny SFT base, {result['rollouts']} rollouts of {PROMPTS} prompts x 8 samples per run, "
+             f"{MINIBATCHES} optimizer steps per rollout, lr 3e-5; evaluated on the 256 validation problems x "
+             f"{EVAL_SAMPLES} samples at T = 1 (budget {EVAL_BUDGET}). Mean ± standard error over seeds. "
+             "Length change is relative to the base; 're-checks' is the share of responses that repeat their "
+             "steps before answering (a trace without re-checks is ~29 tokens).", "",
+             "| method | seeds | sampled acc. | mean len (cut) | p90 len | tokens / correct | re-checks | "
+             "greedy acc. | train min |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|", *rows, ""]
+    pair = wallclock(result["runs"])
+    if pair:
+        lines += ["PPO against T-PPO (same prompts per step, samples, lr; wall-clock of rollout + update):", "",
+                  "| seed | PPO final train acc. | PPO reaches it | T-PPO reaches it | speed-up | "
+                  "PPO tokens/s | T-PPO tokens/s |", "|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in pair:
+            speed = f"{r['ppo_s'] / r['tppo_s']:.2f}x" if r["ppo_s"] and r["tppo_s"] else "not reached"
+            lines.append(f"| {r['seed']} | {r['target']:.1%} | {r['ppo_s'] or float('nan'):.0f} s | "
+                         f"{r['tppo_s'] or float('nan'):.0f} s | {speed} | {r['ppo_tokens_per_s']:.0f} | "
+                         f"{r['tppo_tokens_per_s']:.0f} |")
+        lines.append("")
+    lines += ["![accuracy against length](length_frontier.png)", "",
+              f"- Machine: {m['cpu']}, {m['cpu_count']} CPUs, {m['device']}; torch {m['torch']}.",
+              f"- Command: `{result['command']}` (last run {result['date']}).", ""]
+    return "\n".join(lines)
+
+
+def plot(result: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary, base = summarise(result["runs"]), result["base"]
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    ax.scatter([base["mean_len"]], [100 * base["accuracy"]], marker="*", s=150, color="black", label="SFT base")
+    for method, s in summary.items():
+        if method in RL_PAIR:
+            continue
+        (x, xe), (y, ye) = s["mean_len"], s["accuracy"]
+        ax.errorbar([x], [100 * y], xerr=[0 if math.isnan(xe) else xe], yerr=[0 if math.isnan(ye) else 100 * ye],
+                    fmt="o", capsize=3, label=method)
+    ax.set_xlabel("mean response length (tokens, sampled at T = 1)")
+    ax.set_ylabel("sampled accuracy (%)")
+    ax.set_title("Accuracy-length frontier on the embedded task")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(ROOT / "docs" / "length_frontier.png", dpi=120)
+    plt.close(fig)
+    curves = {m: [r for r in result["runs"] if r["method"] == m] for m in RL_PAIR}
+    if all(curves.values()):
+        fig, ax = plt.subplots(figsize=(6.5, 4.5))
+        for method, runs in curves.items():
+            for r in runs:
+                pts = r["curve"]
+                acc = [sum(p["accuracy"] for p in pts[max(0, i - 4):i + 1]) / len(pts[max(0, i - 4):i + 1])
+                       for i in range(len(pts))]
+                ax.plot([p["time_s"] for p in pts], acc, color="C0" if method == "ppo" else "C1",
+                        alpha=0.8, label=f"{method} seed {r['seed']}")
+        ax.set_xlabel("wall-clock seconds (rollout + update)")
+        ax.set_ylabel("training accuracy (moving average of 5 steps)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(ROOT / "docs" / "tppo_wallclock.png", dpi=120)
+        plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--rollouts", type=int, default=40, help="rollouts per run (same for every method)")
+    parser.add_argument("overrides", nargs="*", help="more config overrides for every run (after --)")
+    args = parser.parse_args()
+    cfg = compose_config("train", ["model=tiny_sft"])
+    policy, task = build(cfg.model), build(cfg.data)
+    base = sampled_eval(policy.model, policy.tokenizer, task)
+    earlier = json.loads(OUT.read_text()) if OUT.exists() else {}
+    if (earlier.get("rollouts"), earlier.get("overrides")) != (args.rollouts, args.overrides):
+        earlier = {}  # another budget or recipe: the earlier runs are not comparable
+    runs = earlier.get("runs", [])
+    key = lambda r: (r["method"], r["seed"], tuple(r["overrides"]))
+    for seed in args.seeds:
+        for method in args.methods:
+            r = run(method, seed, args.rollouts, args.overrides, task)
+            print(f"{method} seed {seed}: acc {r['accuracy']:.3f} len {r['mean_len']:.1f} "
+                  f"({r['train_time_s']:.0f} s)", flush=True)
+            runs = [x for x in runs if key(x) != key(r)] + [r]
+            result = {"date": now(), "machine": machine(), "rollouts": args.rollouts, "overrides": args.overrides,
+                      "base": base, "runs": runs,
+                      "command": " ".join(["python scripts/bench_length_rl.py", *sys.argv[1:]])}
+            OUT.parent.mkdir(parents=True, exist_ok=True)
+            OUT.write_text(json.dumps(result, indent=2) + "\n")  # after every run: nothing lost if stopped
+    section = render(result)
+    write_section(RESULTS, HEADING, section)
+    plot(result)
+    print(section)
+
+
+if __name__ == "__main__":
+    main()
