@@ -145,11 +145,10 @@ class GRPO:
                                                      self.temperature)
         metrics = {**scored.metrics, **extra}
         groups = len(advantages) // self.group_size
-        if groups < self.minibatches:
-            raise RlxError(f"a rollout of {groups} groups cannot make algo.minibatches={self.minibatches}")
-        order = torch.randperm(groups) if self.minibatches > 1 else torch.arange(groups)
+        n = min(self.minibatches, groups)  # dynamic sampling may keep fewer groups than minibatches
+        order = torch.randperm(groups) if n > 1 else torch.arange(groups)
         queue = []
-        for chunk in order.chunk(self.minibatches):
+        for chunk in order.tensor_split(n):
             rows = (chunk[:, None] * self.group_size + torch.arange(self.group_size)).flatten().to(mask.device)
             mb = {k: v[rows] for k, v in data.items()}
             mb["num_targets"] = int(aggregation_weight(mb["response_mask"], self.loss_agg, self.max_new_tokens))
