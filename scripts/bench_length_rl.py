@@ -99,6 +99,13 @@ def sampled_eval(model, tokenizer, task, seed: int = 1234) -> dict:
     }
 
 
+def training_means(run_dir: Path) -> dict[str, float]:
+    """Every training metric averaged over the run (e.g. how often DOT cut, DLER's all-zero groups)."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    keys = {k for r in rows for k, v in r.items() if isinstance(v, (int, float)) and "/" in k}
+    return {k: sum(r[k] for r in rows if k in r) / sum(k in r for r in rows) for k in sorted(keys)}
+
+
 def curve(run_dir: Path) -> list[dict]:
     """Per logged step: cumulative wall-clock seconds (batch + update), training accuracy, tokens."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -120,9 +127,10 @@ def run(method: str, seed: int, rollouts: int, overrides: list[str], task) -> di
         summary = run_training(cfg, Path(run_dir))
         trained = hf(str(find_checkpoint(run_dir)), dtype="float32", device="cpu")
         result = sampled_eval(trained.model, trained.tokenizer, task)
-        points = curve(Path(run_dir))
+        points, means = curve(Path(run_dir)), training_means(Path(run_dir))
     return {"method": method, "seed": seed, "rollouts": rollouts, "overrides": overrides, "steps": summary["steps"],
-            "train_time_s": summary["train/time_s"], "wall_s": time.perf_counter() - t0, **result, "curve": points}
+            "train_time_s": summary["train/time_s"], "wall_s": time.perf_counter() - t0, **result, "curve": points,
+            "training_means": means}
 
 
 def mean_se(values: list[float]) -> tuple[float, float]:

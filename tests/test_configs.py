@@ -15,7 +15,8 @@ NEEDS = {
     ("model", "hf"): None,  # a hub model: tests never reach a hub
     ("model", "tiny_sft"): None,  # built by `make base`, minutes of training
     ("data", "gsm8k"): [f"data.path={GSM8K}"] if GSM8K.is_dir() else None,
-    ("reward", "rm"): None,  # a checkpoint trained with algo=rm: built end to end in tests/algorithms/test_rm.py
+    ("reward", "rm"): None,
+    ("reward", "length_penalty"): ["algo=grpo"],  # its budget is the RL algorithm's max_new_tokens  # a checkpoint trained with algo=rm: built end to end in tests/algorithms/test_rm.py
 }
 CASES = [(g, o) for g in GROUPS for o in group_options(g)]
 
