@@ -120,7 +120,8 @@ def curve(run_dir: Path) -> list[dict]:
 
 
 def run(method: str, seed: int, rollouts: int, overrides: list[str], task) -> dict:
-    steps = rollouts * (1 if method == "tppo" else MINIBATCHES)
+    # T-PPO's step is one window, in which ~2/3 of the pool finishes: 1.5 windows ~ one PPO rollout
+    steps = int(rollouts * 1.5) if method == "tppo" else rollouts * MINIBATCHES
     cfg = compose_config("train", [*COMMON, *METHODS[method], f"seed={seed}", f"trainer.max_steps={steps}", *overrides])
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as run_dir:
