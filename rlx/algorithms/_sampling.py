@@ -32,18 +32,10 @@ class Scored:
     metrics: dict[str, float]
 
 
-def sample_and_score(examples, state, reward, *, n: int, max_new_tokens: int, temperature: float,
-                     top_p: float) -> Scored:
-    """Sample `n` responses to each example's prompt and score them."""
-    model, tok = state.model, state.tokenizer
-    rows = [ex for ex in examples for _ in range(n)]
-    t0 = time.perf_counter()
-    prompts = prompt_batch([ex["prompt"] for ex in rows], tok, model.device)
-    rollout = sample(model, prompts["input_ids"], prompts["attention_mask"], max_new_tokens=max_new_tokens,
-                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                     temperature=temperature, top_p=top_p)
-    rollout_s = time.perf_counter() - t0
-    responses = tok.batch_decode(rollout.response_ids, skip_special_tokens=True)  # pad after EOS
+def score(rollout: Rollout, rows: list[dict], state, reward) -> tuple[Tensor, Tensor, dict[str, float]]:
+    """(rewards [B], checker correctness [B], the rollout metrics but timing) of finished or cut
+    responses: decoded, scored by `reward`, checked by the task."""
+    responses = state.tokenizer.batch_decode(rollout.response_ids, skip_special_tokens=True)  # pad after EOS
     lengths = rollout.response_mask.sum(-1).float().cpu()
     rewards, reward_metrics = reward(responses, rows, state.task, lengths)
     rewards = rewards.float().cpu()
@@ -57,7 +49,22 @@ def sample_and_score(examples, state, reward, *, n: int, max_new_tokens: int, te
         "rl/response_len_p90": lengths.quantile(0.9).item(),
         "rl/response_len_max": lengths.max().item(),
         "rl/truncated": (~rollout.finished).float().mean().item(),
-        "rl/rollout_s": rollout_s,
-        "rl/rollout_tokens_per_s": lengths.sum().item() / rollout_s,
     }
+    return rewards, correct, metrics
+
+
+def sample_and_score(examples, state, reward, *, n: int, max_new_tokens: int, temperature: float,
+                     top_p: float) -> Scored:
+    """Sample `n` responses to each example's prompt and score them."""
+    model, tok = state.model, state.tokenizer
+    rows = [ex for ex in examples for _ in range(n)]
+    t0 = time.perf_counter()
+    prompts = prompt_batch([ex["prompt"] for ex in rows], tok, model.device)
+    rollout = sample(model, prompts["input_ids"], prompts["attention_mask"], max_new_tokens=max_new_tokens,
+                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                     temperature=temperature, top_p=top_p)
+    rollout_s = time.perf_counter() - t0
+    rewards, correct, metrics = score(rollout, rows, state, reward)
+    metrics["rl/rollout_s"] = rollout_s
+    metrics["rl/rollout_tokens_per_s"] = rollout.response_mask.sum().item() / rollout_s
     return Scored(rows, rollout, rewards, correct, metrics)

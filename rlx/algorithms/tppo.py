@@ -102,6 +102,7 @@ from rlx.algorithms._rl import (
     masked_mean,
     whiten,
 )
+from rlx.algorithms._sampling import score
 from rlx.algorithms.ppo import ValueModel, score_rewards
 from rlx.data.collate import prompt_batch
 from rlx.errors import RlxError
@@ -250,23 +251,9 @@ class TPPO:
         idx = done.nonzero().squeeze(-1)
         if len(idx) == 0:
             return scores, {}
-        rows = [self._rows[i] for i in idx.tolist()]
-        responses = state.tokenizer.batch_decode(pool.response_ids[idx], skip_special_tokens=True)
-        lengths = pool.lengths[idx].float().cpu()
-        rewards, reward_metrics = self.reward(responses, rows, state.task, lengths)
-        rewards = rewards.float().cpu()
-        correct = torch.tensor([state.task.score(r, ex) for r, ex in zip(responses, rows, strict=True)])
+        rewards, _, metrics = score(pool.select(idx), [self._rows[i] for i in idx.tolist()], state, self.reward)
         scores[idx.cpu()] = rewards
-        return scores, {
-            **reward_metrics,
-            "reward/mean": rewards.mean().item(),
-            "reward/std": rewards.std().item() if len(rewards) > 1 else 0.0,
-            "rl/accuracy": correct.mean().item(),
-            "rl/response_len": lengths.mean().item(),
-            "rl/response_len_p90": lengths.quantile(0.9).item(),
-            "rl/response_len_max": lengths.max().item(),
-            "rl/truncated": (~pool.finished[idx]).float().mean().item(),
-        }
+        return scores, metrics
 
     # ------------------------------------------------------------------ one window
 
