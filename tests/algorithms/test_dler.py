@@ -100,6 +100,12 @@ def test_with_group_normalisation_and_symmetric_clipping_dler_is_grpo():
     assert torch.equal(dler, grpo)
 
 
+def test_with_nothing_truncated_and_symmetric_clipping_dler_is_grpo_with_batch_normalisation():
+    dler, batch = loss_of(DLER, Alternating(), eps_high=0.2, dynamic_sampling=False)
+    grpo, _ = loss_of(GRPO, Alternating(), scale="batch_tokens")
+    assert batch["advantages"].abs().sum() > 0 and torch.equal(dler, grpo)
+
+
 def test_truncated_responses_lose_their_reward_in_a_real_rollout():
     policy = tiny(**SMALL, device="cpu")  # untrained: it rarely emits EOS within 8 tokens
     state = TrainState(policy.model, policy.tokenizer, torch.optim.SGD(policy.model.parameters(), lr=0.1), None, TASK)
