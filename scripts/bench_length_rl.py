@@ -40,7 +40,9 @@ from _results import RESULTS, ROOT, machine, now, write_section  # noqa: E402
 from rlx.config import build, compose_config  # noqa: E402
 from rlx.data.collate import prompt_batch  # noqa: E402
 from rlx.evaluate import answers  # noqa: E402
+from rlx.merge import merge_checkpoints  # noqa: E402
 from rlx.models import hf  # noqa: E402
+from rlx.paths import cache_dir  # noqa: E402
 from rlx.rollout import sample  # noqa: E402
 from rlx.state import find_checkpoint  # noqa: E402
 from rlx.tasks import run_training  # noqa: E402
@@ -128,6 +130,10 @@ def run(method: str, seed: int, rollouts: int, overrides: list[str], task) -> di
         summary = run_training(cfg, Path(run_dir))
         trained = hf(str(find_checkpoint(run_dir)), dtype="float32", device="cpu")
         result = sampled_eval(trained.model, trained.tokenizer, task)
+        if method.startswith("dler"):  # DLER's update-selective merge into the base, as the paper's
+            merged = merge_checkpoints(cache_dir() / "models" / "tiny-sft", run_dir, Path(run_dir) / "merged")
+            policy = hf(str(merged), dtype="float32", device="cpu")
+            result["merged"] = sampled_eval(policy.model, policy.tokenizer, task)
         points, means = curve(Path(run_dir)), training_means(Path(run_dir))
     return {"method": method, "seed": seed, "rollouts": rollouts, "overrides": overrides, "steps": summary["steps"],
             "train_time_s": summary["train/time_s"], "wall_s": time.perf_counter() - t0, **result, "curve": points,
@@ -143,7 +149,8 @@ def mean_se(values: list[float]) -> tuple[float, float]:
 
 def summarise(runs: list[dict]) -> dict[str, dict]:
     by: dict[str, list[dict]] = {}
-    for r in runs:
+    merged = [{**r, **r["merged"], "method": r["method"] + "_merged"} for r in runs if "merged" in r]
+    for r in runs + merged:
         by.setdefault(r["method"], []).append(r)
     keys = ("accuracy", "mean_len", "p90_len", "tokens_per_correct", "recheck_rate", "greedy_accuracy", "train_time_s")
     return {m: {"seeds": len(rs), **{k: mean_se([r[k] for r in rs]) for k in keys}} for m, rs in by.items()}
@@ -151,6 +158,7 @@ def summarise(runs: list[dict]) -> dict[str, dict]:
 
 def time_to_reach(points: list[dict], target: float, window: int = 5) -> float | None:
     """Seconds until the moving average of training accuracy first reaches `target`."""
+    points = [p for p in points if p["accuracy"] is not None]  # T-PPO: steps where nothing finished
     acc = [p["accuracy"] for p in points]
     for i in range(window - 1, len(acc)):
         if sum(acc[i - window + 1:i + 1]) / window >= target:
@@ -165,7 +173,7 @@ def wallclock(runs: list[dict]) -> list[dict]:
                                                                             if r["method"] == RL_PAIR[1]})
     for seed in seeds:
         ppo, tppo = (next(r for r in runs if r["method"] == m and r["seed"] == seed) for m in RL_PAIR)
-        target = sum(p["accuracy"] for p in ppo["curve"][-5:]) / 5
+        target = sum(p["accuracy"] for p in ppo["curve"][-5:]) / 5  # PPO logs accuracy every step
         t_ppo, t_tppo = time_to_reach(ppo["curve"], target), time_to_reach(tppo["curve"], target)
         rows.append({"seed": seed, "target": target, "ppo_s": t_ppo, "tppo_s": t_tppo,
                      "ppo_total_s": ppo["curve"][-1]["time_s"], "tppo_total_s": tppo["curve"][-1]["time_s"],
@@ -183,11 +191,11 @@ def render(result: dict) -> str:
     base, summary = result["base"], summarise(result["runs"])
     rows = [f"| SFT base | - | {base['accuracy']:.1%} | {base['mean_len']:.1f} | {base['p90_len']:.0f} | "
             f"{base['tokens_per_correct']:.1f} | {base['recheck_rate']:.1%} | {base['greedy_accuracy']:.1%} | - |"]
-    for method in [m for m in METHODS if m in summary]:
+    for method in [m for name in METHODS for m in (name, name + "_merged") if m in summary]:
         s = summary[method]
-        cut = 1 - s["mean_len"][0] / base["mean_len"]
+        change = s["mean_len"][0] / base["mean_len"] - 1
         rows.append(f"| {method} | {s['seeds']} | {fmt(s['accuracy'], '.1f', 100)}% | {fmt(s['mean_len'], '.1f')} "
-                    f"({cut:+.0%}) | {fmt(s['p90_len'], '.0f')} | {fmt(s['tokens_per_correct'], '.1f')} | "
+                    f"({change:+.0%}) | {fmt(s['p90_len'], '.0f')} | {fmt(s['tokens_per_correct'], '.1f')} | "
                     f"{fmt(s['recheck_rate'], '.1f', 100)}% | {fmt(s['greedy_accuracy'], '.1f', 100)}% | "
                     f"{s['train_time_s'][0] / 60:.1f} |")
     m = result["machine"]
@@ -197,7 +205,7 @@ def render(result: dict) -> str:
              f"{EVAL_SAMPLES} samples at T = 1 (budget {EVAL_BUDGET}). Mean ± standard error over seeds. "
              "Length change is relative to the base; 're-checks' is the share of responses that repeat their "
              "steps before answering (a trace without re-checks is ~29 tokens).", "",
-             "| method | seeds | sampled acc. | mean len (cut) | p90 len | tokens / correct | re-checks | "
+             "| method | seeds | sampled acc. | mean len (change) | p90 len | tokens / correct | re-checks | "
              "greedy acc. | train min |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|", *rows, ""]
     pair = wallclock(result["runs"])
@@ -245,7 +253,7 @@ def plot(result: dict) -> None:
         fig, ax = plt.subplots(figsize=(6.5, 4.5))
         for method, runs in curves.items():
             for r in runs:
-                pts = r["curve"]
+                pts = [p for p in r["curve"] if p["accuracy"] is not None]
                 acc = [sum(p["accuracy"] for p in pts[max(0, i - 4):i + 1]) / len(pts[max(0, i - 4):i + 1])
                        for i in range(len(pts))]
                 ax.plot([p["time_s"] for p in pts], acc, color="C0" if method == "ppo" else "C1",
@@ -264,8 +272,15 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--rollouts", type=int, default=40, help="rollouts per run (same for every method)")
+    parser.add_argument("--report", action="store_true", help="only rewrite the table and plots from the JSON")
     parser.add_argument("overrides", nargs="*", help="more config overrides for every run (after --)")
     args = parser.parse_args()
+    if args.report:
+        result = json.loads(OUT.read_text())
+        write_section(RESULTS, HEADING, render(result))
+        plot(result)
+        print(render(result))
+        return
     cfg = compose_config("train", ["model=tiny_sft"])
     policy, task = build(cfg.model), build(cfg.data)
     base = sampled_eval(policy.model, policy.tokenizer, task)
