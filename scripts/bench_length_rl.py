@@ -61,6 +61,8 @@ METHODS = {
     "grpo": ["algo=grpo", "algo.max_new_tokens=128", *FAMILY],
     "naive_lp": ["algo=grpo", "algo.max_new_tokens=128", "reward=length_penalty", "reward.weights.length=0.5",
                  *FAMILY],
+    "naive_lp_strong": ["algo=grpo", "algo.max_new_tokens=128", "reward=length_penalty", "reward.weights.length=2.0",
+                        *FAMILY],
     "dler": ["algo=dler", *FAMILY],
     "dler_da": ["algo=dler", "algo.difficulty_aware=true", *FAMILY],
     "drpo": ["algo=drpo", "algo.max_new_tokens=128", *FAMILY],
