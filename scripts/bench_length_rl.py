@@ -222,6 +222,9 @@ def render(result: dict) -> str:
                          f"{fmt(w['greedy_accuracy'], '.1f', 100)}% |")
         lines.append("")
     lines += ["![accuracy against length](length_frontier.png)", "",
+              "What each method achieved against GRPO and the naive penalty, and why: "
+              "[length_rl.md](length_rl.md#what-the-benchmark-shows). PPO and T-PPO training accuracy against "
+              "wall-clock: [tppo_wallclock.png](tppo_wallclock.png).", "",
               f"- Machine: {m['cpu']}, {m['cpu_count']} CPUs, {m['device']}; torch {m['torch']}.",
               f"- Command: `{result['command']}` (last run {result['date']}).", ""]
     return "\n".join(lines)
