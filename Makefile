@@ -38,7 +38,7 @@ bench:
 bench-rl:
 	$(PY) scripts/bench_rl.py
 
-# The accuracy-length frontier of the efficient-reasoning methods and PPO vs T-PPO (hours on 2 CPU cores).
+# The accuracy-length frontier of the efficient-reasoning methods and PPO vs T-PPO (about 90 minutes on 2 CPU cores).
 bench-length:
 	$(PY) scripts/bench_length_rl.py
 
