@@ -76,6 +76,24 @@ def score_rewards(scores: Tensor, mask: Tensor, kl: Tensor | None = None, kl_coe
     return rewards * mask
 
 
+def replay(data: dict, mask_key: str, epochs: int, minibatches: int, loss_agg: str, max_len: int,
+           metrics: dict) -> list[dict]:
+    """The minibatches `make_batch` hands out for one rollout: `epochs` passes over the rows of
+    `data`, each a fresh shuffle cut into `minibatches`, with the loop's num_targets (per
+    `loss_agg` over `data[mask_key]`) and num_tokens."""
+    mask = data[mask_key]
+    queue = []
+    for _ in range(epochs):
+        for rows in torch.randperm(mask.shape[0]).chunk(minibatches):
+            rows = rows.to(mask.device)
+            mb = {k: v[rows] for k, v in data.items()}
+            mb["num_targets"] = int(aggregation_weight(mb[mask_key], loss_agg, max_len))
+            mb["num_tokens"] = int(mb[mask_key].sum())
+            mb["metrics"] = metrics
+            queue.append(mb)
+    return queue
+
+
 class PPO:
     def __init__(
         self,
@@ -167,16 +185,7 @@ class PPO:
         data.update(advantages=advantages, returns=returns)
         metrics["rl/value_mean"] = masked_mean(old_values, mask).item()
         metrics["rl/return_mean"] = masked_mean(returns, mask).item()
-        queue = []
-        for _ in range(self.epochs):
-            for rows in torch.randperm(B).chunk(self.minibatches):
-                rows = rows.to(mask.device)
-                mb = {k: v[rows] for k, v in data.items()}
-                mb["num_targets"] = int(aggregation_weight(mb["response_mask"], self.loss_agg, self.max_new_tokens))
-                mb["num_tokens"] = int(mb["response_mask"].sum())
-                mb["metrics"] = metrics
-                queue.append(mb)
-        return queue
+        return replay(data, "response_mask", self.epochs, self.minibatches, self.loss_agg, self.max_new_tokens, metrics)
 
     # ------------------------------------------------------------------ loss
 

@@ -95,7 +95,6 @@ from torch import Tensor
 from rlx.algorithms._rl import (
     AGG_MODES,
     aggregate,
-    aggregation_weight,
     clipped_policy_loss,
     clipped_value_loss,
     gae,
@@ -103,7 +102,7 @@ from rlx.algorithms._rl import (
     whiten,
 )
 from rlx.algorithms._sampling import score
-from rlx.algorithms.ppo import ValueModel, score_rewards
+from rlx.algorithms.ppo import PPO, ValueModel, replay, score_rewards
 from rlx.data.collate import prompt_batch
 from rlx.errors import RlxError
 from rlx.rollout import Rollout, extend, sequence_logprobs, sequence_logprobs_and_entropy
@@ -181,10 +180,7 @@ class TPPO:
 
     # ------------------------------------------------------------------ what the loop sees
 
-    def param_groups(self) -> list[dict]:
-        """The critic's parameters for the loop's optimizer, at `critic_lr` if set (else the optimizer's lr)."""
-        group = {"params": [p for p in self.critic.parameters() if p.requires_grad]}
-        return [group if self.critic_lr is None else {**group, "lr": self.critic_lr}]
+    param_groups = PPO.param_groups  # the critic's parameters, at critic_lr if set
 
     def state_dict(self) -> dict:
         pool = None if self._pool is None else dict(vars(self._pool))
@@ -302,21 +298,7 @@ class TPPO:
         data = {"input_ids": input_ids, "attention_mask": attention_mask, "policy_mask": policy_mask,
                 "value_mask": value_mask, "old_logprobs": old_logprobs, "old_values": old_values,
                 "advantages": advantages, "returns": returns}
-        return self._minibatches(data, metrics)
-
-    def _minibatches(self, data: dict, metrics: dict) -> list[dict]:
-        """`epochs` passes over the window's rows, each a fresh shuffle cut into `minibatches`."""
-        mask = data["policy_mask"]
-        queue = []
-        for _ in range(self.epochs):
-            for rows in torch.randperm(mask.shape[0]).chunk(self.minibatches):
-                rows = rows.to(mask.device)
-                mb = {k: v[rows] for k, v in data.items()}
-                mb["num_targets"] = int(aggregation_weight(mb["policy_mask"], self.loss_agg, self._policy_len))
-                mb["num_tokens"] = int(mb["policy_mask"].sum())
-                mb["metrics"] = metrics
-                queue.append(mb)
-        return queue
+        return replay(data, "policy_mask", self.epochs, self.minibatches, self.loss_agg, self._policy_len, metrics)
 
     # ------------------------------------------------------------------ loss
 
