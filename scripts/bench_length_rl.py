@@ -1,7 +1,7 @@
 """The accuracy-length frontier of the efficient-reasoning RL methods on the embedded task.
 
     make bench-length                                     # = python scripts/bench_length_rl.py; needs `make base`
-    python scripts/bench_length_rl.py --methods grpo dler --seeds 0 1 2 --rollouts 40
+    python scripts/bench_length_rl.py --methods grpo dler --seeds 0 1 2
     python scripts/bench_length_rl.py --methods ppo tppo  # the wall-clock comparison only
 
 Every run starts from the tiny SFT base (`make base`) with the same prompts per rollout, group
@@ -248,11 +248,7 @@ def plot(result: dict) -> None:
     ax.set_xlabel("mean response length (tokens, sampled at T = 1)")
     ax.set_ylabel("sampled accuracy (%)")
     ax.set_title("Accuracy-length frontier on the embedded task")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(ROOT / "docs" / "length_frontier.png", dpi=120)
-    plt.close(fig)
+    _save(fig, ax, "length_frontier.png")
     curves = {m: [r for r in result["runs"] if r["method"] == m] for m in RL_PAIR}
     if all(curves.values()):
         fig, ax = plt.subplots(figsize=(6.5, 4.5))
@@ -265,18 +261,24 @@ def plot(result: dict) -> None:
                         alpha=0.8, label=f"{method} seed {r['seed']}")
         ax.set_xlabel("wall-clock seconds (rollout + update)")
         ax.set_ylabel("training accuracy (moving average of 5 steps)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(ROOT / "docs" / "tppo_wallclock.png", dpi=120)
-        plt.close(fig)
+        _save(fig, ax, "tppo_wallclock.png")
+
+
+def _save(fig, ax, name: str) -> None:
+    import matplotlib.pyplot as plt
+
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(ROOT / "docs" / name, dpi=120)
+    plt.close(fig)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--rollouts", type=int, default=40, help="rollouts per run (same for every method)")
+    parser.add_argument("--rollouts", type=int, default=60, help="rollouts per run (same for every method)")
     parser.add_argument("--report", action="store_true", help="only rewrite the table and plots from the JSON")
     parser.add_argument("overrides", nargs="*", help="more config overrides for every run (after --)")
     args = parser.parse_args()
