@@ -6,3 +6,5 @@ import logging as _logging
 
 # bitsandbytes warns at import on CPU-only machines about optional kernels rlx does not use.
 _logging.getLogger("bitsandbytes").setLevel(_logging.ERROR)
+# So does torchao (which transformers imports when it is installed) about CUDA kernels and triton.
+_logging.getLogger("torchao").setLevel(_logging.ERROR)

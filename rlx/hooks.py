@@ -14,6 +14,8 @@ optimizer step, QAT phase switches at step start, gradient splitting after backw
 A hook that wants to change the loss belongs in the algorithm instead.
 
 A hook with state implements `state_dict`/`load_state_dict`; it is checkpointed with the run.
+A hook that reports numbers (a memory report, a phase switch) puts them in its `metrics` dict;
+the loop logs and clears them after each step and at the end of the run.
 """
 from __future__ import annotations
 
@@ -65,6 +67,15 @@ class HookList:
                 getattr(hook, event)(state)
 
         return dispatch
+
+    def pop_metrics(self) -> dict[str, float]:
+        """What the hooks reported since the last call (and clear it)."""
+        out: dict[str, float] = {}
+        for hook in self.hooks:
+            out.update(getattr(hook, "metrics", None) or {})
+            if getattr(hook, "metrics", None):
+                hook.metrics = {}
+        return out
 
     def state_dict(self) -> dict[str, dict]:
         return {name: h.state_dict() for name, h in self.named.items()}

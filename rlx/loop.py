@@ -157,6 +157,10 @@ def train(state: TrainState, algo, task, hooks: HookList, logger, cfg: TrainerCo
         hooks.on_step_end(state)
         step_metrics["time/update_s"] = time.perf_counter() - t_update
         bar.update(1)
+        reported = hooks.pop_metrics()  # one-off values (a memory report, a phase switch): not averaged
+        if reported:
+            logger.log(reported, state.step)
+            last.update(reported)
 
         for k, v in step_metrics.items():
             window[k] = window.get(k, 0.0) + v
@@ -179,6 +183,7 @@ def train(state: TrainState, algo, task, hooks: HookList, logger, cfg: TrainerCo
             last["checkpoint"] = str(save())
     bar.close()
     hooks.on_train_end(state)
+    last.update(hooks.pop_metrics())
     last.update({"steps": state.step, "train/time_s": train_time,
                  "train/tokens_per_s": (state.tokens - tokens0) / train_time if train_time else 0.0})
     return last

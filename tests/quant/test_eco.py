@@ -1,0 +1,153 @@
+"""ECO and its baselines: the paper's scalar checks, the limiting case, the corrections by hand,
+the memory actually held, and runs through the loop."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from rlx.memory import memory_report
+from rlx.quant.eco import ECO, MasterWeights, NoMaster, adam_correction, sgd_correction
+from rlx.tasks import run_training
+from tests.conftest import small_config
+
+TARGET, LR, BETA = 0.537, 0.01, 0.9
+
+
+def scalar_run(hook, steps: int):
+    """f(w) = ½(w - 0.537)², w0 = 0, SGD momentum in EMA form (dampening = β), float64.
+    Returns the weight after each optimizer step (before any re-quantization)."""
+    model = torch.nn.Sequential(torch.nn.Linear(1, 1, bias=False)).double()
+    model[0].weight.data.zero_()
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=BETA, dampening=BETA)
+    state = SimpleNamespace(model=model, optimizer=opt)
+    hook.on_train_start(state)
+    proposed = []
+    for _ in range(steps):
+        (0.5 * (model(torch.ones(1, 1, dtype=torch.float64)) - TARGET) ** 2).sum().backward()
+        hook.on_before_optimizer_step(state)
+        opt.step()
+        opt.zero_grad()
+        proposed.append(model[0].weight.data.item())
+        hook.on_step_end(state)
+    return proposed, model
+
+
+GRID = dict(format="grid", step=0.05, skip=())
+
+
+def test_exact_eco_follows_the_master_weight_trajectory():
+    eco, _ = scalar_run(ECO(**GRID, exact=True), 200)
+    master, _ = scalar_run(MasterWeights(**GRID), 200)
+    assert max(abs(a - b) for a, b in zip(eco, master)) < 1e-12
+    assert master[-1] > 0.4  # the run moves (it is not trivially static at 0)
+
+
+def test_naive_removal_stalls_and_eco_reaches_the_nearest_grid_point():
+    # every step is smaller than half the grid spacing, so naive removal rounds back to 0.0
+    _, naive = scalar_run(NoMaster(**GRID), 2000)
+    _, eco = scalar_run(ECO(**GRID), 2000)
+    master, mmodel = scalar_run(MasterWeights(**GRID), 2000)
+    assert naive(torch.ones(1, 1, dtype=torch.float64)).item() == 0.0
+    assert eco(torch.ones(1, 1, dtype=torch.float64)).item() == pytest.approx(0.55, abs=1e-12)
+    assert mmodel(torch.ones(1, 1, dtype=torch.float64)).item() == pytest.approx(0.55, abs=1e-12)
+
+
+def test_corrections_by_hand():
+    E = torch.tensor([0.02, -0.01])
+    # (1/η)(1 - 1/β)E = 100 · (-1/9) · E
+    assert torch.allclose(sgd_correction(E, 0.01, 0.9), torch.tensor([-0.2 / 0.9, 0.1 / 0.9]))
+    # step 2, β1 = 0.9, β2 = 0.99: bc1 = 0.19, bc2 = 0.0199; V = 0.0199 · [4, 1] -> sqrt(V/bc2) = [2, 1]
+    V = torch.tensor([4.0, 1.0]) * 0.0199
+    got = adam_correction(E, V, lr=0.1, beta1=0.9, beta2=0.99, eps=0.5, step=2, decay=0.5)
+    factor = (1 - 0.1 * 0.5) * 0.19 * (1 - 1 / 0.9) / 0.1
+    assert torch.allclose(got, E * torch.tensor([2.5, 1.5]) * factor)
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+
+
+def _adamw_run(hook, steps=6):
+    model = _mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05, betas=(0.8, 0.9), weight_decay=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+    state = SimpleNamespace(model=model, optimizer=opt)
+    if hook:
+        hook.on_train_start(state)
+    x, y = torch.randn(32, 8, generator=torch.Generator().manual_seed(1)), torch.randn(32, 4)
+    for _ in range(steps):
+        ((model(x) - y) ** 2).mean().backward()
+        if hook:
+            hook.on_before_optimizer_step(state)
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+        if hook:
+            hook.on_step_end(state)
+    return model, opt
+
+
+def test_eco_adamw_with_an_identity_quantizer_is_torch_adamw():
+    plain, popt = _adamw_run(None)
+    eco, eopt = _adamw_run(ECO(format="identity", skip=()))
+    for a, b in zip(plain.state_dict().values(), eco.state_dict().values()):
+        assert torch.equal(a, b)
+    for p, q in zip(plain.parameters(), eco.parameters()):
+        assert torch.equal(popt.state[p]["exp_avg"], eopt.state[q]["exp_avg"])
+
+
+def test_eco_changes_momentum_and_no_master_does_not():
+    # same start and same first step: only the residual's fate differs
+    eco, eopt = _adamw_run(ECO(format="int", bits=4, group_size=8, skip=()), steps=1)
+    naive, nopt = _adamw_run(NoMaster(format="int", bits=4, group_size=8, skip=()), steps=1)
+    p, q = next(eco.parameters()), next(naive.parameters())
+    assert not torch.equal(eopt.state[p]["exp_avg"], nopt.state[q]["exp_avg"])
+    assert torch.equal(eopt.state[p]["exp_avg_sq"], nopt.state[q]["exp_avg_sq"])
+
+
+def test_eco_rejects_an_optimizer_without_momentum():
+    model = _mlp()
+    state = SimpleNamespace(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(Exception, match="momentum"):
+        ECO(skip=()).on_train_start(state)
+
+
+# bytes per weight: fp8 codes plus an fp32 scale per row of 256; int4 codes plus a scale per group of 32
+@pytest.mark.parametrize("fmt,per_weight", [(dict(format="fp8"), 1 + 4 / 256),
+                                            (dict(format="int", bits=4, group_size=32), 0.5 + 4 / 32)])
+def test_the_weights_held_between_steps_are_the_codes(fmt, per_weight):
+    model = torch.nn.Sequential(torch.nn.Linear(256, 256, bias=False), torch.nn.Linear(256, 256, bias=False))
+    opt = torch.optim.AdamW(model.parameters())
+    assert memory_report(model, opt)["weights_MB"] * 2**20 == 2 * 256 * 256 * 4
+    ECO(**fmt, skip=()).on_train_start(SimpleNamespace(model=model, optimizer=opt))
+    placeholders = 2 * 4  # each parameter keeps one fp32 element
+    assert memory_report(model, opt)["weights_MB"] * 2**20 == 2 * 256 * 256 * per_weight + placeholders
+
+
+# ---------------------------------------------------------------------------- through the loop
+
+@pytest.mark.parametrize("quantizer", ["eco", "no_master", "master"])
+@pytest.mark.parametrize("algo", ["sft", "grpo"])
+def test_quantizers_run_in_the_loop(quantizer, algo, tmp_path):
+    cfg = small_config(f"quantizer={quantizer}", f"algo={algo}", "trainer.save_every=1")
+    summary = run_training(cfg, tmp_path)
+    assert summary["steps"] == 2 and summary["memory/held_MB"] > 0
+
+
+def test_eco_checkpoint_holds_weights_on_the_grid_and_resumes_exactly(tmp_path):
+    from safetensors.torch import load_file
+
+    from rlx.quant.formats import FP8
+
+    over = ["quantizer=eco", "quantizer.rounding=stochastic", "optimizer=sgd", "trainer.save_every=2",
+            "trainer.lr_scheduler=constant"]
+    full = run_training(small_config(*over, "trainer.max_steps=4"), tmp_path / "full")
+    run_training(small_config(*over, "trainer.max_steps=2"), tmp_path / "cut")
+    resumed = run_training(small_config(*over, "trainer.max_steps=4", "trainer.resume=auto"), tmp_path / "cut")
+    a = load_file(tmp_path / "full/checkpoints/last/model.safetensors")
+    b = load_file(tmp_path / "cut/checkpoints/last/model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert full["train/loss"] == resumed["train/loss"]
+    w = a["model.layers.0.mlp.down_proj.weight"]
+    assert torch.equal(FP8("channel").decode(FP8("channel").encode(w)), w)
