@@ -95,6 +95,7 @@ def train(state: TrainState, algo, task, hooks: HookList, logger, cfg: TrainerCo
     """Run `cfg.max_steps` optimizer steps; returns the final metrics."""
     model, device = state.model, state.model.device
     stream = ExampleStream(task.split("train"), cfg.micro_batch_size, seed)
+    state.run_dir = run_dir
     state.stream = stream  # for algorithms that draw more prompts than one micro-batch (dynamic sampling)
     params = [p for group in state.optimizer.param_groups for p in group["params"]]  # incl. a critic's
     ckpt_root = run_dir / "checkpoints"
@@ -148,7 +149,7 @@ def train(state: TrainState, algo, task, hooks: HookList, logger, cfg: TrainerCo
                                "the update, the last good checkpoint is intact")
             step_metrics["train/grad_norm"] = grad_norm.item()
         hooks.on_before_optimizer_step(state)
-        step_metrics["train/lr"] = state.scheduler.get_last_lr()[0]
+        step_metrics["train/lr"] = state.optimizer.param_groups[0]["lr"]  # as the step uses it (hooks may scale it)
         state.optimizer.step()
         state.scheduler.step()
         state.optimizer.zero_grad(set_to_none=True)

@@ -127,14 +127,6 @@ def test_the_weights_held_between_steps_are_the_codes(fmt, per_weight):
 
 # ---------------------------------------------------------------------------- through the loop
 
-@pytest.mark.parametrize("quantizer", ["eco", "no_master", "master"])
-@pytest.mark.parametrize("algo", ["sft", "grpo"])
-def test_quantizers_run_in_the_loop(quantizer, algo, tmp_path):
-    cfg = small_config(f"quantizer={quantizer}", f"algo={algo}", "trainer.save_every=1")
-    summary = run_training(cfg, tmp_path)
-    assert summary["steps"] == 2 and summary["memory/held_MB"] > 0
-
-
 def test_eco_checkpoint_holds_weights_on_the_grid_and_resumes_exactly(tmp_path):
     from safetensors.torch import load_file
 
