@@ -1,7 +1,7 @@
 """The one training loop. It knows nothing of any particular method: the algorithm makes
 batches and losses, hooks act at fixed events (rlx/hooks.py), and the loop does the rest:
 gradient accumulation, clipping, LR schedule, mixed precision, logging, eval, checkpoints,
-resume and the NaN guard.
+resume, the NaN guard, and a report of the memory held for weights and optimizer state.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from rlx.data.stream import ExampleStream, NextBatch
 from rlx.errors import RlxError
 from rlx.evaluate import evaluate
 from rlx.hooks import HookList
+from rlx.memory import memory_report
 from rlx.state import TrainState, find_checkpoint, load_checkpoint, save_checkpoint
 
 SCHEDULES = ("cosine", "linear", "constant", "constant_with_warmup")
@@ -118,6 +119,7 @@ def train(state: TrainState, algo, task, hooks: HookList, logger, cfg: TrainerCo
                         cfg.eval_max_new_tokens, cfg.eval_max_length)
 
     hooks.on_train_start(state)
+    start_step = state.step
     model.train()
     # disable=None: tqdm draws only on a terminal, so logs and CI output stay readable
     bar = tqdm(total=cfg.max_steps, initial=state.step, desc="train", disable=None if cfg.progress else True,
@@ -158,7 +160,9 @@ def train(state: TrainState, algo, task, hooks: HookList, logger, cfg: TrainerCo
         hooks.on_step_end(state)
         step_metrics["time/update_s"] = time.perf_counter() - t_update
         bar.update(1)
-        reported = hooks.pop_metrics()  # one-off values (a memory report, a phase switch): not averaged
+        reported = hooks.pop_metrics()  # one-off values (a phase switch, a hook's scratch): not averaged
+        if state.step == start_step + 1:  # optimizer states exist from the first step on
+            reported.update({f"memory/{k}": v for k, v in memory_report(model, state.optimizer).items()})
         if reported:
             logger.log(reported, state.step)
             last.update(reported)

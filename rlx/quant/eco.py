@@ -25,7 +25,7 @@ run's exactly. It costs a buffer per weight and exists for tests.
 `no_master` drops E (naive master-weight removal); `master` keeps fp32 weights and runs the
 forward on q(W) with a straight-through gradient: ECO aims to match it with the memory of
 `no_master`. All three log a memory report (bytes held for weights and optimizer state, and
-the fp32 scratch a step materializes) after the first step.
+the fp32 scratch a step materializes; the loop measures what is held after the first step).
 """
 from __future__ import annotations
 
@@ -36,7 +36,6 @@ from torch import Tensor
 
 from rlx.errors import RlxError
 from rlx.hooks import Hook
-from rlx.memory import memory_report
 from rlx.quant.formats import Quantized, check_rounding, make_format
 from rlx.quant.stored import FakeQuantLinear, StoredLinear, swap_modules, trainable_linears
 
@@ -88,15 +87,11 @@ class _Quantizer(Hook):
     def encode(self, w: Tensor) -> Quantized:
         return self.fmt.encode(w, self.rounding, self.generator)
 
-    def _report(self, state, scratch: int = 0) -> None:
-        if self._reported:
-            return
-        self._reported = True
-        report = memory_report(state.model, state.optimizer)
-        fp32 = sum(m.weight.numel() * 4 for m in self.layers.values())
-        self.metrics.update({f"memory/{k}": v for k, v in report.items()})
-        self.metrics["memory/scratch_MB"] = scratch / 2**20
-        self.metrics["memory/quantized_fp32_MB"] = fp32 / 2**20
+    def _report_scratch(self, nbytes: int) -> None:
+        """The fp32 weights a step materializes on top of what is held (the loop reports the rest)."""
+        if not self._reported:
+            self._reported = True
+            self.metrics["memory/scratch_MB"] = nbytes / 2**20
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}
@@ -127,7 +122,7 @@ class NoMaster(_Quantizer):
             layer.materialize()
 
     def on_step_end(self, state) -> None:
-        self._report(state, scratch=sum(m.weight.data.nbytes for m in self.layers.values()))
+        self._report_scratch(sum(m.weight.data.nbytes for m in self.layers.values()))
         for name, layer in self.layers.items():
             proposed = layer.weight.data  # W~: the base optimizer's step from the quantized weights
             q = self.encode(proposed)
@@ -203,4 +198,4 @@ class MasterWeights(_Quantizer):
             self.layers = swap_modules(state.model, self._targets(state), lambda m: FakeQuantLinear(m, quantize))
 
     def on_step_end(self, state) -> None:
-        self._report(state, scratch=sum(m.weight.nbytes for m in self.layers.values()))  # the quantized copy
+        self._report_scratch(sum(m.weight.nbytes for m in self.layers.values()))  # the quantized copy

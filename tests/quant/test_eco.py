@@ -143,3 +143,15 @@ def test_eco_checkpoint_holds_weights_on_the_grid_and_resumes_exactly(tmp_path):
     assert full["train/loss"] == resumed["train/loss"]
     w = a["model.layers.0.mlp.down_proj.weight"]
     assert torch.equal(FP8("channel").decode(FP8("channel").encode(w)), w)
+
+
+def test_the_loop_reports_the_memory_eco_saves(tmp_path):
+    held = {q: run_training(small_config(*q.split()), tmp_path / q.replace(" ", "_"))
+            for q in ("quantizer=none", "quantizer=master", "quantizer=eco",
+                      "quantizer=eco quantizer.format=int quantizer.group_size=16")}
+    none, master = held["quantizer=none"], held["quantizer=master"]
+    fp8, int4 = held["quantizer=eco"], held["quantizer=eco quantizer.format=int quantizer.group_size=16"]
+    assert master["memory/weights_MB"] == none["memory/weights_MB"]
+    assert int4["memory/weights_MB"] < fp8["memory/weights_MB"] < 0.5 * none["memory/weights_MB"]
+    assert fp8["memory/optimizer_MB"] == none["memory/optimizer_MB"]  # ECO adds no buffer
+    assert fp8["memory/scratch_MB"] > 0
