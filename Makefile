@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 #   make install TORCH=torch          (PyPI's default Linux build includes CUDA)
 TORCH  ?= torch==2.13.0
 
-.PHONY: install test test-slow smoke base bench bench-rl bench-length lint clean
+.PHONY: install test test-slow smoke base bench bench-rl bench-length bench-quant bench-robustness lint clean
 
 install:
 	python3 -m venv $(VENV)
@@ -41,6 +41,14 @@ bench-rl:
 # The accuracy-length frontier of the efficient-reasoning methods and PPO vs T-PPO (about 90 minutes on 2 CPU cores).
 bench-length:
 	$(PY) scripts/bench_length_rl.py
+
+# ECO against master-weight training and naive removal, and QAT phases at 4 and 2 bits (about 60 minutes).
+bench-quant:
+	$(PY) scripts/bench_quant_train.py
+
+# Which statistic predicts the loss PTQ adds to models trained with different optimizers.
+bench-robustness:
+	$(PY) scripts/bench_quant_robustness.py
 
 lint:
 	$(VENV)/bin/ruff check rlx scripts tests

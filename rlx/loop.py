@@ -163,9 +163,6 @@ def train(state: TrainState, algo, task, hooks: HookList, logger, cfg: TrainerCo
         reported = hooks.pop_metrics()  # one-off values (a phase switch, a hook's scratch): not averaged
         if state.step == start_step + 1:  # optimizer states exist from the first step on
             reported.update({f"memory/{k}": v for k, v in memory_report(model, state.optimizer).items()})
-        if reported:
-            logger.log(reported, state.step)
-            last.update(reported)
 
         for k, v in step_metrics.items():
             window[k] = window.get(k, 0.0) + v
@@ -174,10 +171,14 @@ def train(state: TrainState, algo, task, hooks: HookList, logger, cfg: TrainerCo
             logged = {k: v / n for k, v in window.items()}
             logged["train/tokens_per_s"] = (state.tokens - tokens0) / (train_time + time.perf_counter() - t_step)
             logged["train/tokens"] = state.tokens
+            reported, logged = {}, {**logged, **reported}
             logger.log(logged, state.step)
             bar.set_postfix(loss=f"{logged.get('train/loss', float('nan')):.4f}")
             last.update(logged)
             window = {}
+        if reported:  # not a logging step: the one-off values get a row of their own
+            logger.log(reported, state.step)
+            last.update(reported)
         train_time += time.perf_counter() - t_step
         final = state.step == cfg.max_steps
         if (cfg.eval_every and state.step % cfg.eval_every == 0) or final:
