@@ -9,18 +9,25 @@ two baselines it is measured against.
 The trainable linear layers hold only codes (rlx/quant/stored.py). Each step the base optimizer
 (any torch SGD-momentum or Adam/AdamW) proposes W~ = Ŵ - η·U from the quantized Ŵ; W~ is encoded
 again, and the rounding residual E = W~ - q(W~) is folded into the first moment so the next
-steps re-apply it (the paper's momentum pull-back, with E_t ≈ E_{t+1}):
+steps re-apply it. With a constant LR this is the paper's momentum pull-back (E_t ≈ E_{t+1}):
 
     SGD (torch's heavy-ball or EMA form; weight decay is in the gradient):
         M += (1/η)(1 - 1/β) E
-    Adam/AdamW, whose step is η·M/(bc1·(sqrt(V/bc2) + ε)):
-        M += (1 - ηλ)·(bc1/η)·(1 - 1/β1)·(sqrt(V/bc2) + ε) ⊙ E       (λ: decoupled decay only)
+    Adam/AdamW, whose step is η·M/d with d = bc1·(sqrt(V/bc2) + ε):
+        M += (1 - ηλ)·(1/η)·(1 - 1/β1)·d ⊙ E       (λ: decoupled decay only)
 
-The (1 - ηλ) factor follows from the exact derivation (the paper's Algorithm 3 omits it; it
-changes the correction by O(ηλ)). η is the learning rate of the step just taken; at η = 0 (the
-first warm-up step) nothing can be folded and the residual is dropped. `exact=true` keeps E_t
-and applies `M += E_t/η - E_{t+1}/(βη)` (SGD only): the iterates then equal the master-weight
-run's exactly. It costs a buffer per weight and exists for tests.
+Under an LR schedule the derivation splits the factor between the two steps it links: the
+residual's earlier share leaves with the LR (and bias corrections) of the step just taken, η_t,
+and the share the next step must re-apply enters with that step's, η_{t+1}:
+M += E (1/η_t - 1/(β η_{t+1})) for SGD, and the same with d_t, d_{t+1} and (1 - ηλ) for Adam
+(`sgd_correction`, `adam_correction`). Using η_t for both, as the paper's constant-LR form
+does, re-applies only η_{t+1}/η_t of the residual each step, which leaves a bias wherever the
+schedule moves (warm-up, cosine decay). The (1 - ηλ) factor also follows from the derivation
+(the paper's Algorithm 3 omits it: an O(ηλ) difference). A step with η_t = 0 (the first warm-up
+step) or η_{t+1} = 0 (the end of a decay) cannot carry a correction, and its residual is dropped.
+`exact=true` keeps E_t and applies `M += E_t/η_t - E_{t+1}/(β η_{t+1})` (SGD only): the
+iterates then equal the master-weight run's exactly, under any schedule. It costs a buffer per
+weight and exists for tests.
 
 `no_master` drops E (naive master-weight removal); `master` keeps fp32 weights and runs the
 forward on q(W) with a straight-through gradient: ECO aims to match it with the memory of
@@ -42,18 +49,29 @@ from rlx.quant.stored import FakeQuantLinear, StoredLinear, swap_modules, traina
 # ---------------------------------------------------------------------------- the corrections
 
 
-def sgd_correction(residual: Tensor, lr: float, momentum: float) -> Tensor:
-    """What ECO adds to an SGD momentum buffer: (1/η)(1 - 1/β) E."""
-    return residual * ((1.0 - 1.0 / momentum) / lr)
+def sgd_correction(residual: Tensor, lr: float, next_lr: float, momentum: float) -> Tensor:
+    """What ECO adds to an SGD momentum buffer: E (1/η_t - 1/(β η_{t+1})); with a constant LR the
+    paper's (1/η)(1 - 1/β) E."""
+    return residual * (1.0 / lr - 1.0 / (momentum * next_lr))
 
 
-def adam_correction(residual: Tensor, exp_avg_sq: Tensor, lr: float, beta1: float, beta2: float, eps: float,
-                    step: int, decay: float = 0.0) -> Tensor:
-    """What ECO adds to Adam's first moment: (1 - ηλ)(bc1/η)(1 - 1/β1)(sqrt(V/bc2) + ε) ⊙ E, with
-    torch's bias corrections at the step just taken; `decay` is the decoupled weight decay λ."""
-    bc1, bc2 = 1 - beta1**step, 1 - beta2**step
-    denom = exp_avg_sq.sqrt() / math.sqrt(bc2) + eps
-    return residual * denom * ((1 - lr * decay) * bc1 * (1 - 1 / beta1) / lr)
+def _adam_scale(exp_avg_sq: Tensor, beta1: float, beta2: float, eps: float, step: int) -> Tensor:
+    """1/h: what turns Adam's step η·h·M at optimizer step `step` back into momentum units."""
+    return (1 - beta1**step) * (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**step) + eps)
+
+
+def adam_correction(residual: Tensor, exp_avg_sq: Tensor, lr: float, next_lr: float, beta1: float, beta2: float,
+                    eps: float, step: int, decay: float = 0.0) -> Tensor:
+    """What ECO adds to Adam's first moment after optimizer step `step` (torch's count, from 1):
+
+        E ⊙ [(1 - η_t λ)/η_t · d_t - (1 - η_{t+1} λ)/(β1 η_{t+1}) · d_{t+1}],
+        d_s = bc1(s) (sqrt(V / bc2(s)) + ε)
+
+    with λ the decoupled weight decay. With a constant LR and bias corrections this is the
+    paper's (1 - ηλ)(1/η)(1 - 1/β1) d ⊙ E."""
+    now = _adam_scale(exp_avg_sq, beta1, beta2, eps, step) * ((1 - lr * decay) / lr)
+    later = _adam_scale(exp_avg_sq, beta1, beta2, eps, step + 1) * ((1 - next_lr * decay) / (beta1 * next_lr))
+    return residual * (now - later)
 
 
 # ---------------------------------------------------------------------------- the hooks
@@ -163,23 +181,23 @@ class ECO(NoMaster):
 
     def feedback(self, name: str, p: Tensor, residual: Tensor, state) -> None:
         group, moments = self._groups[id(p)], state.optimizer.state[p]
-        lr = self._lrs[id(p)]
-        if lr == 0:  # a zero-LR step moved nothing: there is no step to fold the residual into
+        lr, next_lr = self._lrs[id(p)], group["lr"]  # the loop has already stepped the scheduler
+        if lr == 0 or next_lr == 0:  # no step before or after to carry the residual
             self.skipped += 1
             return
         if "momentum_buffer" in moments:
             beta = group["momentum"]
             if self.exact:
-                moments["momentum_buffer"].add_(self.previous.get(name, torch.zeros_like(residual)) / lr
-                                                - residual / (beta * lr))
+                previous = self.previous.get(name, torch.zeros_like(residual))
+                moments["momentum_buffer"].add_(previous / lr - residual / (beta * next_lr))
                 self.previous[name] = residual
             else:
-                moments["momentum_buffer"].add_(sgd_correction(residual, lr, beta))
+                moments["momentum_buffer"].add_(sgd_correction(residual, lr, next_lr, beta))
         elif "exp_avg" in moments:
             beta1, beta2 = group["betas"]
             sq = moments["max_exp_avg_sq"] if group.get("amsgrad") else moments["exp_avg_sq"]
             decay = group["weight_decay"] if group.get("decoupled_weight_decay") else 0.0
-            moments["exp_avg"].add_(adam_correction(residual, sq, lr, beta1, beta2, group["eps"],
+            moments["exp_avg"].add_(adam_correction(residual, sq, lr, next_lr, beta1, beta2, group["eps"],
                                                     int(moments["step"]), decay))
         else:
             raise RlxError(f"quantizer=eco: {type(state.optimizer).__name__} keeps no momentum_buffer or exp_avg "

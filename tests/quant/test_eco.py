@@ -13,12 +13,13 @@ from tests.conftest import small_config
 TARGET, LR, BETA = 0.537, 0.01, 0.9
 
 
-def scalar_run(hook, steps: int):
-    """f(w) = ½(w - 0.537)², w0 = 0, SGD momentum in EMA form (dampening = β), float64.
-    Returns the weight after each optimizer step (before any re-quantization)."""
+def scalar_run(hook, steps: int, schedule=lambda step: 1.0):
+    """f(w) = ½(w - 0.537)², w0 = 0, SGD momentum in EMA form (dampening = β), float64, the LR
+    scaled by `schedule`. Returns the weight after each optimizer step (before re-quantization)."""
     model = torch.nn.Sequential(torch.nn.Linear(1, 1, bias=False)).double()
     model[0].weight.data.zero_()
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=BETA, dampening=BETA)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     state = SimpleNamespace(model=model, optimizer=opt)
     hook.on_train_start(state)
     proposed = []
@@ -26,6 +27,7 @@ def scalar_run(hook, steps: int):
         (0.5 * (model(torch.ones(1, 1, dtype=torch.float64)) - TARGET) ** 2).sum().backward()
         hook.on_before_optimizer_step(state)
         opt.step()
+        sched.step()  # before on_step_end, as in the loop
         opt.zero_grad()
         proposed.append(model[0].weight.data.item())
         hook.on_step_end(state)
@@ -35,11 +37,12 @@ def scalar_run(hook, steps: int):
 GRID = dict(format="grid", step=0.05, skip=())
 
 
-def test_exact_eco_follows_the_master_weight_trajectory():
-    eco, _ = scalar_run(ECO(**GRID, exact=True), 200)
-    master, _ = scalar_run(MasterWeights(**GRID), 200)
+@pytest.mark.parametrize("schedule", [lambda s: 1.0, lambda s: 1.0 - s / 250], ids=["constant", "decaying"])
+def test_exact_eco_follows_the_master_weight_trajectory(schedule):
+    eco, _ = scalar_run(ECO(**GRID, exact=True), 200, schedule)
+    master, _ = scalar_run(MasterWeights(**GRID), 200, schedule)
     assert max(abs(a - b) for a, b in zip(eco, master)) < 1e-12
-    assert master[-1] > 0.4  # the run moves (it is not trivially static at 0)
+    assert master[-1] > 0.3  # the run moves (it is not trivially static at 0)
 
 
 def test_naive_removal_stalls_and_eco_reaches_the_nearest_grid_point():
@@ -54,13 +57,20 @@ def test_naive_removal_stalls_and_eco_reaches_the_nearest_grid_point():
 
 def test_corrections_by_hand():
     E = torch.tensor([0.02, -0.01])
-    # (1/η)(1 - 1/β)E = 100 · (-1/9) · E
-    assert torch.allclose(sgd_correction(E, 0.01, 0.9), torch.tensor([-0.2 / 0.9, 0.1 / 0.9]))
-    # step 2, β1 = 0.9, β2 = 0.99: bc1 = 0.19, bc2 = 0.0199; V = 0.0199 · [4, 1] -> sqrt(V/bc2) = [2, 1]
+    # constant LR: the paper's (1/η)(1 - 1/β)E = 100 · (-1/9) · E
+    assert torch.allclose(sgd_correction(E, 0.01, 0.01, 0.9), torch.tensor([-0.2 / 0.9, 0.1 / 0.9]))
+    # a halving LR: E (1/0.01 - 1/(0.9 · 0.005)) = E (100 - 222.2...)
+    assert torch.allclose(sgd_correction(E, 0.01, 0.005, 0.9), E * (100 - 1 / 0.0045))
+    # Adam after step 2 (β1 = 0.9, β2 = 0.99): bc1 = 0.19, bc2 = 0.0199; then step 3: bc1 = 0.271, bc2 = 0.029701
     V = torch.tensor([4.0, 1.0]) * 0.0199
-    got = adam_correction(E, V, lr=0.1, beta1=0.9, beta2=0.99, eps=0.5, step=2, decay=0.5)
-    factor = (1 - 0.1 * 0.5) * 0.19 * (1 - 1 / 0.9) / 0.1
-    assert torch.allclose(got, E * torch.tensor([2.5, 1.5]) * factor)
+    d2 = 0.19 * (torch.tensor([2.0, 1.0]) + 0.5)
+    d3 = 0.271 * ((V / 0.029701).sqrt() + 0.5)
+    got = adam_correction(E, V, lr=0.1, next_lr=0.05, beta1=0.9, beta2=0.99, eps=0.5, step=2, decay=0.5)
+    expected = E * (d2 * (1 - 0.1 * 0.5) / 0.1 - d3 * (1 - 0.05 * 0.5) / (0.9 * 0.05))
+    assert torch.allclose(got, expected)
+    # at a constant LR and late in training (bias corrections ~1) it is the paper's Algorithm 3 form
+    late = adam_correction(E, V, lr=0.1, next_lr=0.1, beta1=0.9, beta2=0.99, eps=0.5, step=10_000, decay=0.0)
+    assert torch.allclose(late, E * (V.sqrt() + 0.5) * (1 - 1 / 0.9) / 0.1, rtol=1e-4)
 
 
 def _mlp():
