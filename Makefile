@@ -42,7 +42,7 @@ bench-rl:
 bench-length:
 	$(PY) scripts/bench_length_rl.py
 
-# ECO against master-weight training and naive removal, and QAT phases at 4 and 2 bits (about 60 minutes).
+# ECO against master-weight training and naive removal, and QAT phases at 4 and 2 bits (about 50 minutes).
 bench-quant:
 	$(PY) scripts/bench_quant_train.py
 

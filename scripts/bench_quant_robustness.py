@@ -44,7 +44,8 @@ MAX_LENGTH = 256  # algo=sft's: the calibration batch is as long as the training
 # Tuned so each optimizer trains the tiny model reasonably in a couple of hundred steps.
 LR = {"adamw": 3e-3, "sgd": 0.3, "lion": 3e-4}
 # 16 x 256 tokens per step: 200 steps take about 5 minutes on 2 CPU cores.
-COMMON = ["model=tiny", "data=shakespeare", "algo=sft", "trainer.micro_batch_size=16", "trainer.eval_every=0",
+COMMON = ["model=tiny", "data=shakespeare", "algo=sft", f"algo.max_length={MAX_LENGTH}",
+          f"trainer.eval_max_length={MAX_LENGTH}", "trainer.micro_batch_size=16", "trainer.eval_every=0",
           "trainer.save_every=0", "trainer.log_every=50", "trainer.eval_samples=64", "trainer.progress=false"]
 # metric key -> label; the predictors, then what they predict
 PREDICTORS = {"R_L": "R_L (W4A4)", "mmr_mean": "max/mean (MMR)", "max_to_median_mean": "max/median",

@@ -7,7 +7,8 @@ and QAT phases at 4 and 2 bits.
 
 Every run pretrains `model=tiny` (1.8M parameters, random init, seed 0) with `algo=sft` on
 `data=shakespeare` for the same steps and tokens (AdamW, the default LR and cosine schedule), and
-evaluates the validation loss of the model as it is held at the end: the codes for ECO and
+evaluates the validation loss (on the first 256 tokens of each held-out chunk, the length it trains
+on) of the model as it is held at the end: the codes for ECO and
 no-master, q(W) for the master-weight baseline. Memory is what the loop measures after the first
 step: bytes held for weights (codes and scales where quantized) and optimizer state, plus the fp32
 scratch a step materializes.
@@ -41,8 +42,10 @@ from rlx.tasks import run_training  # noqa: E402
 HEADING = "## Quantized training (bench_quant_train)"
 OUT = ROOT / "docs" / "results" / "bench_quant_train.json"
 EVAL = 128  # validation chunks of 1,024 characters
+LENGTH = 256  # tokens per sequence, in training and in evaluation (positions beyond it are never trained)
 
-COMMON = ["model=tiny", "data=shakespeare", "algo=sft", "algo.max_length=256", "trainer.micro_batch_size=8",
+COMMON = ["model=tiny", "data=shakespeare", "algo=sft", f"algo.max_length={LENGTH}", f"trainer.eval_max_length={LENGTH}",
+          "trainer.micro_batch_size=8",
           "trainer.eval_every=0", "trainer.save_every=0", "trainer.log_every=10", "trainer.progress=false",
           f"trainer.eval_samples={EVAL}", "trainer.eval_batch_size=16"]
 FP8, INT4 = [], ["quantizer.format=int", "quantizer.bits=4", "quantizer.group_size=32"]
@@ -60,6 +63,10 @@ ECO_RUNS = {
     "no_master_int4": ["quantizer=no_master", *INT4],
     "no_master_int4_sr": ["quantizer=no_master", *INT4, *SR],
 }
+# The same at a tenth of the LR: AdamW's steps (about the LR per weight) fall below half the INT4
+# grid spacing, the regime of fine-tuning where the ECO paper trains INT4 weights.
+LOW_LR = {f"{name}_lowlr": [*ECO_RUNS[name], "optimizer.lr=3e-4"]
+          for name in ("none", "master_int4", "eco_int4", "eco_int4_sr", "no_master_int4", "no_master_int4_sr")}
 QAT_LR = ["trainer.lr_scheduler=constant_with_warmup"]
 QAT_RUNS = {
     f"qat{bits}_{name}_{mode}": ["quantizer=qat", f"quantizer.bits={bits}", f"quantizer.start={start}", *QAT_LR,
@@ -67,7 +74,7 @@ QAT_RUNS = {
     for bits in (4, 2) for name, start in (("opt", "compute_optimal"), ("10pct", 0.9), ("50pct", 0.5))
     for mode in ("standard", "fused")
 }
-RUNS = {**ECO_RUNS, **QAT_RUNS}
+RUNS = {**ECO_RUNS, **LOW_LR, **QAT_RUNS}
 
 
 def curve(run_dir: Path) -> list[tuple[int, float]]:
@@ -83,7 +90,7 @@ def run(name: str, steps: int, task) -> dict:
         loss = summary["eval/loss"]
         if name.startswith("qat"):  # the exported quantized model, whatever the phase reached
             policy = hf(str(Path(tmp) / "quantized"), device="cpu")
-            loss = evaluate(policy.model, policy.tokenizer, task, "validation", EVAL, 16, 0, 512)["eval/loss"]
+            loss = evaluate(policy.model, policy.tokenizer, task, "validation", EVAL, 16, 0, LENGTH)["eval/loss"]
         points = curve(Path(tmp))
     keep = ("memory/weights_MB", "memory/optimizer_MB", "memory/held_MB", "memory/scratch_MB", "train/tokens",
             "qat/tokens_per_param_byte", "qat/fraction", "qat/planned_switch_step", "qat/switch_step")
@@ -92,28 +99,40 @@ def run(name: str, steps: int, task) -> dict:
             **{k: summary[k] for k in keep if k in summary}, "curve": points}
 
 
-def render(result: dict) -> str:
-    runs = {r["name"]: r for r in result["runs"]}
-    none = runs.get("none")
-    lines = [HEADING, "",
-             f"`{result['command']}` on {result['machine']['cpu']} ({result['machine']['cpu_count']} cores), "
-             f"{result['date']}. `model=tiny` pretrained on `data=shakespeare` for {result['steps']} steps "
-             f"({runs[next(iter(runs))].get('train/tokens', 0):,} tokens), AdamW, validation loss on {EVAL} "
-             "held-out chunks of the model as held at the end. Memory: MB held after step 1 (weights incl. "
-             "codes and scales; optimizer state) and the fp32 scratch a step materializes.", "",
-             "| run | val loss | Δ vs master | weights MB | optimizer MB | held MB | held vs none | scratch MB |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for name in ECO_RUNS:
+ECO_HEAD = ["| run | val loss | Δ vs master | weights MB | optimizer MB | held MB | held vs none | scratch MB |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|"]
+
+
+def _eco_rows(runs: dict, names: dict, suffix: str) -> list[str]:
+    none = runs.get(f"none{suffix}")
+    rows = []
+    for name in names:
         if name not in runs:
             continue
         r = runs[name]
         fmt = "int4" if "int4" in name else "fp8"
-        master = runs.get(f"master_{fmt}")
-        delta = f"{r['val_loss'] - master['val_loss']:+.3f}" if master and name != "none" else ""
+        master = runs.get(f"master_{fmt}{suffix}")
+        delta = f"{r['val_loss'] - master['val_loss']:+.3f}" if master and not name.startswith("none") else ""
         ratio = f"{r['memory/held_MB'] / none['memory/held_MB']:.2f}×" if none else ""
-        lines.append(f"| `{name}` | {r['val_loss']:.3f} | {delta} | {r['memory/weights_MB']:.2f} | "
-                     f"{r['memory/optimizer_MB']:.2f} | {r['memory/held_MB']:.2f} | {ratio} | "
-                     f"{r.get('memory/scratch_MB', 0):.2f} |")
+        rows.append(f"| `{name}` | {r['val_loss']:.3f} | {delta} | {r['memory/weights_MB']:.2f} | "
+                    f"{r['memory/optimizer_MB']:.2f} | {r['memory/held_MB']:.2f} | {ratio} | "
+                    f"{r.get('memory/scratch_MB', 0):.2f} |")
+    return rows
+
+
+def render(result: dict) -> str:
+    runs = {r["name"]: r for r in result["runs"]}
+    lines = [HEADING, "",
+             f"`make bench-quant` (runs kept across invocations with the same steps; the last: `{result['command']}`) "
+             f"on {result['machine']['cpu']} ({result['machine']['cpu_count']} cores), "
+             f"{result['date']}. `model=tiny` pretrained on `data=shakespeare` for {result['steps']} steps "
+             f"({runs[next(iter(runs))].get('train/tokens', 0):,} tokens), AdamW, validation loss on {EVAL} "
+             "held-out chunks of the model as held at the end. Memory: MB held after step 1 (weights incl. "
+             "codes and scales; optimizer state) and the fp32 scratch a step materializes.", "",
+             *ECO_HEAD, *_eco_rows(runs, ECO_RUNS, "")]
+    if any(n in runs for n in LOW_LR):
+        lines += ["", "The same at `optimizer.lr=3e-4`, a tenth of the LR: most AdamW steps are then below half the INT4 "
+                  "grid spacing.", "", *ECO_HEAD, *_eco_rows(runs, LOW_LR, "_lowlr")]
     qat = [runs[n] for n in QAT_RUNS if n in runs]
     if qat:
         lines += ["", "QAT phases (`trainer.lr_scheduler=constant_with_warmup`; standard = FP cooldown over the last 20% "
@@ -167,7 +186,7 @@ def publish(result: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
-    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--report", action="store_true", help="only rewrite the tables and plot from the JSON")
     args = parser.parse_args()
     if args.report:
