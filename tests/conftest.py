@@ -40,3 +40,18 @@ def small_config(*overrides: str):
 @pytest.fixture
 def cfg():
     return small_config()
+
+
+def straight_and_resumed(tmp_path, overrides: list[str], steps: int = 4, cut: int = 2):
+    """Run `steps` steps straight, and `cut` steps then a resume to `steps` (save every `cut`):
+    both summaries and both final weights, to compare for exact resume."""
+    from safetensors.torch import load_file
+
+    from rlx.tasks import run_training
+
+    over = [*overrides, f"trainer.save_every={cut}"]
+    full = run_training(small_config(*over, f"trainer.max_steps={steps}"), tmp_path / "full")
+    run_training(small_config(*over, f"trainer.max_steps={cut}"), tmp_path / "cut")
+    resumed = run_training(small_config(*over, f"trainer.max_steps={steps}", "trainer.resume=auto"), tmp_path / "cut")
+    weights = [load_file(tmp_path / run / "checkpoints/last/model.safetensors") for run in ("full", "cut")]
+    return full, resumed, *weights

@@ -8,7 +8,7 @@ import torch
 from rlx.memory import memory_report
 from rlx.quant.eco import ECO, MasterWeights, NoMaster, adam_correction, sgd_correction
 from rlx.tasks import run_training
-from tests.conftest import small_config
+from tests.conftest import small_config, straight_and_resumed
 
 TARGET, LR, BETA = 0.537, 0.01, 0.9
 
@@ -138,17 +138,10 @@ def test_the_weights_held_between_steps_are_the_codes(fmt, per_weight):
 # ---------------------------------------------------------------------------- through the loop
 
 def test_eco_checkpoint_holds_weights_on_the_grid_and_resumes_exactly(tmp_path):
-    from safetensors.torch import load_file
-
     from rlx.quant.formats import FP8
 
-    over = ["quantizer=eco", "quantizer.rounding=stochastic", "optimizer=sgd", "trainer.save_every=2",
-            "trainer.lr_scheduler=constant"]
-    full = run_training(small_config(*over, "trainer.max_steps=4"), tmp_path / "full")
-    run_training(small_config(*over, "trainer.max_steps=2"), tmp_path / "cut")
-    resumed = run_training(small_config(*over, "trainer.max_steps=4", "trainer.resume=auto"), tmp_path / "cut")
-    a = load_file(tmp_path / "full/checkpoints/last/model.safetensors")
-    b = load_file(tmp_path / "cut/checkpoints/last/model.safetensors")
+    full, resumed, a, b = straight_and_resumed(tmp_path, ["quantizer=eco", "quantizer.rounding=stochastic",
+                                                         "optimizer=sgd", "trainer.lr_scheduler=constant"])
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert full["train/loss"] == resumed["train/loss"]
     w = a["model.layers.0.mlp.down_proj.weight"]

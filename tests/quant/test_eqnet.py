@@ -6,7 +6,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
 import rlx.quant.eqnet as eqnet
 from rlx.config import build
@@ -28,7 +27,7 @@ from rlx.quant.eqnet import (
     wdr_loss,
 )
 from rlx.tasks import run_training
-from tests.conftest import small_config
+from tests.conftest import small_config, straight_and_resumed
 
 # ---------------------------------------------------------------------------- WDR by hand
 
@@ -248,13 +247,8 @@ def test_eqnet_runs_in_the_loop(algo, extra, tmp_path):
 
 
 def test_eqnet_resumes_exactly(tmp_path):
-    over = ["quantizer=eqnet", "quantizer.act_bits=[2,8]", "quantizer.lsq_lr=1e-3", "trainer.save_every=2",
-            "trainer.lr_scheduler=constant"]
-    full = run_training(small_config(*over, "trainer.max_steps=4"), tmp_path / "full")
-    run_training(small_config(*over, "trainer.max_steps=2"), tmp_path / "cut")
-    resumed = run_training(small_config(*over, "trainer.max_steps=4", "trainer.resume=auto"), tmp_path / "cut")
-    a = load_file(tmp_path / "full/checkpoints/last/model.safetensors")
-    b = load_file(tmp_path / "cut/checkpoints/last/model.safetensors")
+    full, resumed, a, b = straight_and_resumed(tmp_path, ["quantizer=eqnet", "quantizer.act_bits=[2,8]",
+                                                         "quantizer.lsq_lr=1e-3", "trainer.lr_scheduler=constant"])
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert full["train/loss"] == resumed["train/loss"] and full["eqnet/kd"] == resumed["eqnet/kd"]
     sa, sb = (torch.load(tmp_path / f"{r}/checkpoints/last/trainer_state.pt", weights_only=False)["hooks"]["quantizer"]
