@@ -17,7 +17,7 @@ and the per-pair losses are
 
 The implicit rewards β·(log π(y|x) − log π_ref(y|x)) of both sides are logged (`dpo/*`).
 
-Conventions, following TRL's DPOTrainer (see /work/shared/papers/anchors_rl.md):
+Conventions, following TRL's DPOTrainer:
 * sigmoid sums the log-probs over the response tokens; IPO averages them per token
   (TRL's choice, confirmed with the IPO authors; OpenRLHF's IPO sums instead). The logged
   rewards use the same (summed or averaged) log-probs as the loss;

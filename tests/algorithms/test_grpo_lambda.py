@@ -31,7 +31,7 @@ def test_ties_break_by_batch_order_and_threshold_mode_is_absolute():
 def test_sigmoid_length_reward_by_hand():
     r = sigmoid_length_reward(torch.tensor([100, 200, 300]), torch.ones(3), alpha=0.5)
     torch.testing.assert_close(r, torch.tensor([0.886449, 0.75, 0.613551]), atol=1e-6, rtol=0)
-    # rlx's GRPO divides by the (n-1) std: the note's population-std advantage times sqrt((n-1)/n)
+    # rlx's GRPO divides by the (n-1) std: the population-std advantage times sqrt((n-1)/n)
     torch.testing.assert_close(group_advantages(r, 3, "group", eps=0), torch.tensor([1.2247, 0.0, -1.2247]) * (2 / 3) ** 0.5,
                                atol=1e-4, rtol=0)
 
