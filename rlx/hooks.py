@@ -72,8 +72,8 @@ class HookList:
         """What the hooks reported since the last call (and clear it)."""
         out: dict[str, float] = {}
         for hook in self.hooks:
-            out.update(getattr(hook, "metrics", None) or {})
             if getattr(hook, "metrics", None):
+                out.update(hook.metrics)
                 hook.metrics = {}
         return out
 
