@@ -1,7 +1,8 @@
 """The one training loop. It knows nothing of any particular method: the algorithm makes
 batches and losses, hooks act at fixed events (rlx/hooks.py), and the loop does the rest:
 gradient accumulation, clipping, LR schedule, mixed precision, logging, eval, checkpoints,
-resume, the NaN guard, and a report of the memory held for weights and optimizer state.
+resume, the NaN guard, and a memory report after the first step: what weights and optimizer state
+hold (per parameter group) and the peak of the step.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from rlx.data.stream import ExampleStream, NextBatch
 from rlx.errors import RlxError
 from rlx.evaluate import evaluate
 from rlx.hooks import HookList
-from rlx.memory import memory_report
+from rlx.memory import StepPeak, memory_report
 from rlx.state import TrainState, find_checkpoint, load_checkpoint, save_checkpoint
 
 SCHEDULES = ("cosine", "linear", "constant", "constant_with_warmup")
@@ -126,67 +127,75 @@ def train(state: TrainState, algo, task, hooks: HookList, logger, cfg: TrainerCo
                dynamic_ncols=True)
     window: dict[str, float] = {}
     train_time, tokens0, last = 0.0, state.tokens, {}  # train_time excludes eval and saving
-    while state.step < cfg.max_steps:
-        t_step = time.perf_counter()
-        hooks.on_step_start(state)
-        batches = [algo.make_batch(NextBatch(stream), state) for _ in range(cfg.grad_accum)]
-        t_update = time.perf_counter()
-        total = sum(b["num_targets"] for b in batches)
-        step_metrics: dict[str, float] = {"time/batch_s": t_update - t_step}  # RL: rollouts, rewards, reference
-        for batch in batches:
-            weight = batch["num_targets"] / total
-            with autocast(device, cfg.precision):
-                loss, metrics = algo.loss(batch, state)
-            if not torch.isfinite(loss):
-                raise RlxError(f"loss is {loss.item()} at step {state.step + 1}; stopped, the last good "
-                               f"checkpoint is {ckpt_root / 'last' if (ckpt_root / 'last').exists() else 'none (nothing saved yet)'}")
-            (loss * weight).backward()
-            for k, v in metrics.items():
-                step_metrics[k] = step_metrics.get(k, 0.0) + float(v) * weight
-        hooks.on_after_backward(state)
-        if cfg.max_grad_norm > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            if not torch.isfinite(grad_norm):
-                raise RlxError(f"gradient norm is {grad_norm.item()} at step {state.step + 1}; stopped before "
-                               "the update, the last good checkpoint is intact")
-            step_metrics["train/grad_norm"] = grad_norm.item()
-        hooks.on_before_optimizer_step(state)
-        step_metrics["train/lr"] = state.optimizer.param_groups[0]["lr"]  # as the step uses it (hooks may scale it)
-        state.optimizer.step()
-        state.scheduler.step()
-        state.optimizer.zero_grad(set_to_none=True)
-        state.step += 1
-        state.tokens += sum(b.get("num_tokens", b["num_targets"]) for b in batches)
-        hooks.on_step_end(state)
-        step_metrics["time/update_s"] = time.perf_counter() - t_update
-        bar.update(1)
-        reported = hooks.pop_metrics()  # one-off values (a phase switch, a hook's scratch): not averaged
-        if state.step == start_step + 1:  # optimizer states exist from the first step on
-            reported.update({f"memory/{k}": v for k, v in memory_report(model, state.optimizer).items()})
+    peak = StepPeak(model, state.optimizer)  # the first step's peak memory
+    try:
+        while state.step < cfg.max_steps:
+            t_step = time.perf_counter()
+            first = state.step == start_step
+            if first:  # optimizer states exist from the first step on: measure that one
+                peak.start()
+            hooks.on_step_start(state)
+            batches = [algo.make_batch(NextBatch(stream), state) for _ in range(cfg.grad_accum)]
+            t_update = time.perf_counter()
+            total = sum(b["num_targets"] for b in batches)
+            step_metrics: dict[str, float] = {"time/batch_s": t_update - t_step}  # RL: rollouts, rewards, reference
+            for batch in batches:
+                weight = batch["num_targets"] / total
+                with autocast(device, cfg.precision):
+                    loss, metrics = algo.loss(batch, state)
+                if not torch.isfinite(loss):
+                    raise RlxError(f"loss is {loss.item()} at step {state.step + 1}; stopped, the last good "
+                                   f"checkpoint is {ckpt_root / 'last' if (ckpt_root / 'last').exists() else 'none (nothing saved yet)'}")
+                (loss * weight).backward()
+                for k, v in metrics.items():
+                    step_metrics[k] = step_metrics.get(k, 0.0) + float(v) * weight
+            hooks.on_after_backward(state)
+            if cfg.max_grad_norm > 0:
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                if not torch.isfinite(grad_norm):
+                    raise RlxError(f"gradient norm is {grad_norm.item()} at step {state.step + 1}; stopped before "
+                                   "the update, the last good checkpoint is intact")
+                step_metrics["train/grad_norm"] = grad_norm.item()
+            hooks.on_before_optimizer_step(state)
+            step_metrics["train/lr"] = state.optimizer.param_groups[0]["lr"]  # as the step uses it (hooks may scale it)
+            state.optimizer.step()
+            state.scheduler.step()
+            state.optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            state.tokens += sum(b.get("num_tokens", b["num_targets"]) for b in batches)
+            hooks.on_step_end(state)
+            step_metrics["time/update_s"] = time.perf_counter() - t_update
+            bar.update(1)
+            reported = hooks.pop_metrics()  # one-off values (a phase switch, a hook's scratch): not averaged
+            if first:
+                reported["memory/step_peak_MB"] = peak.stop()
+                reported.update({f"memory/{k}": v for k, v in memory_report(model, state.optimizer).items()})
 
-        for k, v in step_metrics.items():
-            window[k] = window.get(k, 0.0) + v
-        if state.step % cfg.log_every == 0 or state.step == cfg.max_steps:
-            n = cfg.log_every if state.step % cfg.log_every == 0 else state.step % cfg.log_every
-            logged = {k: v / n for k, v in window.items()}
-            logged["train/tokens_per_s"] = (state.tokens - tokens0) / (train_time + time.perf_counter() - t_step)
-            logged["train/tokens"] = state.tokens
-            reported, logged = {}, {**logged, **reported}
-            logger.log(logged, state.step)
-            bar.set_postfix(loss=f"{logged.get('train/loss', float('nan')):.4f}")
-            last.update(logged)
-            window = {}
-        if reported:  # not a logging step: the one-off values get a row of their own
-            logger.log(reported, state.step)
-            last.update(reported)
-        train_time += time.perf_counter() - t_step
-        final = state.step == cfg.max_steps
-        if (cfg.eval_every and state.step % cfg.eval_every == 0) or final:
-            ev = run_eval()
-            logger.log(ev, state.step)
-            last.update(ev)
-        if (cfg.save_every and state.step % cfg.save_every == 0) or final:
-            last["checkpoint"] = str(save())
+            for k, v in step_metrics.items():
+                window[k] = window.get(k, 0.0) + v
+            if state.step % cfg.log_every == 0 or state.step == cfg.max_steps:
+                n = cfg.log_every if state.step % cfg.log_every == 0 else state.step % cfg.log_every
+                logged = {k: v / n for k, v in window.items()}
+                logged["train/tokens_per_s"] = (state.tokens - tokens0) / (train_time + time.perf_counter() - t_step)
+                logged["train/tokens"] = state.tokens
+                reported, logged = {}, {**logged, **reported}
+                logger.log(logged, state.step)
+                bar.set_postfix(loss=f"{logged.get('train/loss', float('nan')):.4f}")
+                last.update(logged)
+                window = {}
+            if reported:  # not a logging step: the one-off values get a row of their own
+                logger.log(reported, state.step)
+                last.update(reported)
+            train_time += time.perf_counter() - t_step
+            final = state.step == cfg.max_steps
+            if (cfg.eval_every and state.step % cfg.eval_every == 0) or final:
+                ev = run_eval()
+                logger.log(ev, state.step)
+                last.update(ev)
+            if (cfg.save_every and state.step % cfg.save_every == 0) or final:
+                last["checkpoint"] = str(save())
+    finally:  # a step that raised must not leave the profiler running
+        peak.close()
     bar.close()
     hooks.on_train_end(state)
     last.update(hooks.pop_metrics())

@@ -1,4 +1,4 @@
-"""What a run holds between optimizer steps, measured from the tensors themselves.
+"""What a run holds between optimizer steps, and the peak of a step, measured from the tensors.
 
 Bytes are summed over distinct storages (tied weights and views count once), so a parameter
 that holds a one-element placeholder while its values live as codes (rlx/quant/stored.py)
@@ -7,6 +7,8 @@ expose them through a `held_tensors()` method.
 """
 from __future__ import annotations
 
+import contextlib
+import os
 from typing import Iterable
 
 import torch
@@ -37,16 +39,84 @@ def _model_tensors(model: nn.Module):
             yield from module.held_tensors()
 
 
-def _optimizer_tensors(optimizer: torch.optim.Optimizer):
-    for state in optimizer.state.values():
+def _optimizer_tensors_of(states: Iterable[dict]):
+    for state in states:
         for v in state.values():
             if isinstance(v, torch.Tensor) and v.numel() > 1:  # skip step counters
                 yield v
 
 
+def _group_label(group: dict, index: int) -> str:
+    return f"{index}_{group['kind']}" if "kind" in group else str(index)  # e.g. FRUGAL's regular/projectable
+
+
 def memory_report(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, float]:
-    """MB held by the model's weights and by the optimizer's state (each storage counted once)."""
+    """MB held by the model's weights and by the optimizer's state (each storage counted once),
+    with the state of each parameter group under `optimizer_MB/group<label>`."""
     seen: set = set()
     weights = _storage_bytes(_model_tensors(model), seen)
-    states = _storage_bytes(_optimizer_tensors(optimizer), seen)
-    return {"weights_MB": weights / MB, "optimizer_MB": states / MB, "held_MB": (weights + states) / MB}
+    report, states = {}, 0
+    for i, group in enumerate(optimizer.param_groups):
+        per_param = (optimizer.state.get(p, {}) for p in group["params"])
+        held = _storage_bytes(_optimizer_tensors_of(per_param), seen)
+        report[f"optimizer_MB/group{_group_label(group, i)}"] = held / MB
+        states += held
+    return {"weights_MB": weights / MB, "optimizer_MB": states / MB, "held_MB": (weights + states) / MB, **report}
+
+
+# ---------------------------------------------------------------------------- the peak of a step
+
+
+class StepPeak:
+    """The most memory a step had allocated at any moment: weights, optimizer state, gradients,
+    activations and temporaries (an SVD's factors, a decoded weight). `start()`/`stop()` around the
+    step; `stop()` returns MB. On CUDA it is the allocator's peak. On a CPU it is the memory held at
+    the start plus the highest point of the step's allocations as the torch profiler records them
+    (the profiler runs for this one step only)."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
+        self.model, self.optimizer = model, optimizer
+        self.cuda = next(model.parameters()).device.type == "cuda"
+
+    def start(self) -> None:
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+            return
+        from torch.profiler import ProfilerActivity, profile
+
+        self.held = memory_report(self.model, self.optimizer)["held_MB"]
+        self.profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        with _quiet_stderr():  # the profiler announces its start and stop on the C stderr
+            self.profiler.start()
+
+    def close(self) -> None:
+        """Stop the profiler if it still runs (the step raised before `stop`)."""
+        if getattr(self, "profiler", None) is not None:
+            with _quiet_stderr():
+                self.profiler.stop()
+            self.profiler = None
+
+    def stop(self) -> float:
+        if self.cuda:
+            return torch.cuda.max_memory_allocated() / MB
+        profiler = self.profiler
+        self.close()
+        events = sorted((e.start_ns(), e.nbytes()) for e in profiler.profiler.kineto_results.events()
+                        if e.name() == "[memory]" and e.device_type().name == "CPU")
+        running = peak = 0
+        for _, nbytes in events:
+            running += nbytes
+            peak = max(peak, running)
+        return self.held + peak / MB
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)

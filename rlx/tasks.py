@@ -33,11 +33,12 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict:
     policy = build(cfg.model)
     task = build(cfg.data)
     algo = build(cfg.algo)
-    params = [p for p in policy.model.parameters() if p.requires_grad]
-    groups = [{"params": params}]
+    # Named parameters (torch keeps the names in each group's `param_names`), so optimizers that
+    # treat layers differently (FRUGAL keeps embeddings and norms state-full) can tell them apart.
+    groups = [{"params": [(n, p) for n, p in policy.model.named_parameters() if p.requires_grad]}]
     if hasattr(algo, "param_groups"):  # what an algorithm trains beside the policy (PPO's critic)
         groups += algo.param_groups()
-        params = params + [p for g in groups[1:] for p in g["params"]]
+    params = [p for g in groups for _, p in g["params"]]
     try:  # `_partial_` optimizers meet their parameters (and any bad values) only here
         optimizer = build(cfg.optimizer)(groups)
     except (TypeError, ValueError) as e:

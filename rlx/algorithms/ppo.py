@@ -138,7 +138,7 @@ class PPO:
 
     def param_groups(self) -> list[dict]:
         """The critic's parameters for the loop's optimizer, at `critic_lr` if set (else the optimizer's lr)."""
-        group = {"params": [p for p in self.critic.parameters() if p.requires_grad]}
+        group = {"params": [(f"critic.{n}", p) for n, p in self.critic.named_parameters() if p.requires_grad]}
         return [group if self.critic_lr is None else {**group, "lr": self.critic_lr}]
 
     def state_dict(self) -> dict:

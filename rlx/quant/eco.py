@@ -181,6 +181,11 @@ class ECO(NoMaster):
 
     def feedback(self, name: str, p: Tensor, residual: Tensor, state) -> None:
         group, moments = self._groups[id(p)], state.optimizer.state[p]
+        moment = moments.get("momentum_buffer", moments.get("exp_avg"))
+        if not isinstance(moment, Tensor) or moment.shape != residual.shape:
+            raise RlxError(f"quantizer=eco folds the rounding residual into each weight's momentum, and "
+                           f"{type(state.optimizer).__name__} keeps none in the weight's shape (its state lives in a "
+                           "subspace, is quantized, or is absent): use SGD with momentum or Adam/AdamW")
         lr, next_lr = self._lrs[id(p)], group["lr"]  # the loop has already stepped the scheduler
         if lr == 0 or next_lr == 0:  # no step before or after to carry the residual
             self.skipped += 1
@@ -193,15 +198,12 @@ class ECO(NoMaster):
                 self.previous[name] = residual
             else:
                 moments["momentum_buffer"].add_(sgd_correction(residual, lr, next_lr, beta))
-        elif "exp_avg" in moments:
+        else:
             beta1, beta2 = group["betas"]
             sq = moments["max_exp_avg_sq"] if group.get("amsgrad") else moments["exp_avg_sq"]
             decay = group["weight_decay"] if group.get("decoupled_weight_decay") else 0.0
             moments["exp_avg"].add_(adam_correction(residual, sq, lr, next_lr, beta1, beta2, group["eps"],
                                                     int(moments["step"]), decay))
-        else:
-            raise RlxError(f"quantizer=eco: {type(state.optimizer).__name__} keeps no momentum_buffer or exp_avg "
-                           "state to fold the residual into (ECO supports SGD momentum and Adam/AdamW)")
 
     def on_train_end(self, state) -> None:
         self.metrics["eco/zero_lr_steps"] = self.skipped / max(len(self.layers), 1)

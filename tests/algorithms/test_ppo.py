@@ -37,7 +37,7 @@ def setup(reward, **kwargs):
     policy = tiny(**SMALL, device="cpu")
     algo = PPO(WeightedSum({"r": reward}, {"r": 1.0}), critic=tiny(**SMALL, device="cpu"), max_new_tokens=8,
                samples_per_prompt=2, **kwargs)
-    opt = torch.optim.SGD([{"params": policy.model.parameters()}, *algo.param_groups()], lr=0.1)
+    opt = torch.optim.SGD([{"params": list(policy.model.named_parameters())}, *algo.param_groups()], lr=0.1)
     return algo, TrainState(policy.model, policy.tokenizer, opt, None, TASK)
 
 
@@ -118,4 +118,4 @@ def test_critic_gets_its_own_learning_rate(tmp_path):
     cfg = small_config(*PPO_RUN, "algo.critic_lr=0.5")
     algo = build(cfg.algo)
     (group,) = algo.param_groups()
-    assert group["lr"] == 0.5 and group["params"] and all(p.requires_grad for p in group["params"])
+    assert group["lr"] == 0.5 and group["params"] and all(p.requires_grad for _, p in group["params"])

@@ -41,11 +41,11 @@ def build(kind: str):
     reward = WeightedSum({"ones": Ones()}, {"ones": 1.0})
     if kind == "grpo":
         algo = GRPO(reward, group_size=8, max_new_tokens=8)
-        groups = [{"params": policy.model.parameters()}]
+        groups = [{"params": list(policy.model.named_parameters())}]
     else:
         algo = PPO(reward, critic=tiny(**SMALL, device="cpu"), samples_per_prompt=8, max_new_tokens=8, epochs=2,
                    minibatches=2, lam=1.0)
-        groups = [{"params": policy.model.parameters()}, *algo.param_groups()]
+        groups = [{"params": list(policy.model.named_parameters())}, *algo.param_groups()]
     opt = torch.optim.Adam(groups, lr=3e-3)
     return algo, TrainState(policy.model, policy.tokenizer, opt, None, TASK)
 

@@ -61,7 +61,7 @@ def make_policy(eos_bias: float = 0.0, scramble: bool = False):
 def setup(policy, reward=None, micro_batch: int = 2, **kwargs):
     algo = TPPO(WeightedSum({"r": reward or Alternating()}, {"r": 1.0}), critic=tiny(**SMALL, device="cpu"),
                 **{"max_new_tokens": 8, "window": 3, **kwargs})
-    opt = torch.optim.SGD([{"params": policy.model.parameters()}, *algo.param_groups()], lr=0.1)
+    opt = torch.optim.SGD([{"params": list(policy.model.named_parameters())}, *algo.param_groups()], lr=0.1)
     state = TrainState(policy.model, policy.tokenizer, opt, None, TASK)
     state.stream = ExampleStream(TASK.split("train"), micro_batch, seed=0)
     torch.manual_seed(0)  # the sampler draws from the global generator
