@@ -22,6 +22,10 @@ def _storage_bytes(tensors: Iterable[torch.Tensor], seen: set) -> int:
     for t in tensors:
         if not isinstance(t, torch.Tensor) or t.device.type == "meta":
             continue
+        if hasattr(t, "__tensor_flatten__"):  # a tensor subclass (torchao's 8-bit state): count what it holds
+            names, _ = t.__tensor_flatten__()
+            total += _storage_bytes((getattr(t, n) for n in names), seen)
+            continue
         storage = t.untyped_storage()
         key = (t.device, storage.data_ptr())
         if key in seen:
