@@ -47,6 +47,22 @@ def _dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
+def adapter_config(options: dict):
+    """The peft config of `model.lora`: LoRA's options, or another peft method named by `peft_type`
+    (e.g. {peft_type: MISS, r: 32, target_modules: all-linear}: MiSS, the block-affine adapter
+    peft used to call Bone)."""
+    from peft import LoraConfig, get_peft_config
+
+    options = dict(options)
+    kind = str(options.pop("peft_type", "LORA")).upper()
+    try:
+        if kind == "LORA":
+            return LoraConfig(task_type="CAUSAL_LM", **options)
+        return get_peft_config({"peft_type": kind, "task_type": "CAUSAL_LM", **options})
+    except (KeyError, TypeError, ValueError) as e:
+        raise RlxError(f"bad model.lora ({kind}): {str(e).splitlines()[0]}") from None
+
+
 def _finish(model: PreTrainedModel, tokenizer, device: str, dtype: str, lora: dict | None,
             parameterization: str | dict | None = None) -> Policy:
     if tokenizer.pad_token is None:  # most causal LMs ship without one; reuse EOS, as TRL does
@@ -60,9 +76,9 @@ def _finish(model: PreTrainedModel, tokenizer, device: str, dtype: str, lora: di
         parameterize(model, parameterization)
     model = model.to(device=resolve_device(device), dtype=_dtype(dtype))
     if lora:
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
 
-        model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora))
+        model = get_peft_model(model, adapter_config(lora))
     return Policy(model, tokenizer)
 
 
@@ -195,8 +211,8 @@ def hf(
             tokenizer.pad_token = tokenizer.eos_token
         model.config.pad_token_id = tokenizer.pad_token_id
         if lora:
-            from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+            from peft import get_peft_model, prepare_model_for_kbit_training
 
-            model = get_peft_model(prepare_model_for_kbit_training(model), LoraConfig(task_type="CAUSAL_LM", **lora))
+            model = get_peft_model(prepare_model_for_kbit_training(model), adapter_config(lora))
         return Policy(model, tokenizer)
     return _finish(model, tokenizer, device, dtype, lora, parameterization)

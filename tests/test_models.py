@@ -42,6 +42,19 @@ def test_lora_trains_only_adapters():
     assert trainable and all("lora_" in n for n in trainable)
 
 
+def test_other_peft_methods_by_peft_type():
+    """MiSS (peft's renamed Bone): one r x out_features block per layer, starting at the base model's output."""
+    base = tiny(**SMALL)
+    policy = tiny(**SMALL, lora={"peft_type": "MISS", "r": 8, "target_modules": ["q_proj"]})
+    trainable = {n: p for n, p in policy.model.named_parameters() if p.requires_grad}
+    assert trainable and all("miss_" in n for n in trainable)
+    assert sum(p.numel() for p in trainable.values()) == SMALL["num_layers"] * 8 * SMALL["hidden_size"]
+    ids = torch.tensor([[1, 5, 9, 3]])
+    torch.testing.assert_close(policy.model(ids).logits, base.model(ids).logits)
+    with pytest.raises(RlxError, match="bad model.lora"):
+        tiny(**SMALL, lora={"peft_type": "MISS", "rank": 8})
+
+
 def test_unloadable_model_is_one_clear_error():
     with pytest.raises(RlxError, match="cannot load model 'no-such-org/no-such-model'"):
         hf("no-such-org/no-such-model")
