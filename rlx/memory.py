@@ -46,6 +46,9 @@ def _model_tensors(model: nn.Module):
 def _optimizer_tensors_of(states: Iterable[dict]):
     for state in states:
         for v in state.values():
+            if hasattr(v, "__dict__") and not isinstance(v, torch.Tensor):  # a helper object (GaLore's projector)
+                yield from (t for t in vars(v).values() if isinstance(t, torch.Tensor))
+                continue
             if isinstance(v, torch.Tensor) and v.numel() > 1:  # skip step counters
                 yield v
 

@@ -51,9 +51,11 @@ def adapter_config(options: dict):
     """The peft config of `model.lora`: LoRA's options, or another peft method named by `peft_type`
     (e.g. {peft_type: MISS, r: 32, target_modules: all-linear}: MiSS, the block-affine adapter
     peft used to call Bone)."""
+    from omegaconf import DictConfig, OmegaConf
     from peft import LoraConfig, get_peft_config
 
-    options = dict(options)
+    # plain containers: peft writes its config as JSON with every checkpoint
+    options = OmegaConf.to_container(options) if isinstance(options, DictConfig) else dict(options)
     kind = str(options.pop("peft_type", "LORA")).upper()
     try:
         if kind == "LORA":

@@ -42,10 +42,13 @@ def test_lora_trains_only_adapters():
     assert trainable and all("lora_" in n for n in trainable)
 
 
-def test_other_peft_methods_by_peft_type():
+def test_other_peft_methods_by_peft_type(tmp_path):
     """MiSS (peft's renamed Bone): one r x out_features block per layer, starting at the base model's output."""
+    from omegaconf import OmegaConf
+
     base = tiny(**SMALL)
-    policy = tiny(**SMALL, lora={"peft_type": "MISS", "r": 8, "target_modules": ["q_proj"]})
+    policy = tiny(**SMALL, lora=OmegaConf.create({"peft_type": "MISS", "r": 8, "target_modules": ["q_proj"]}))
+    policy.model.save_pretrained(tmp_path)  # the config as Hydra passes it must still be written as JSON
     trainable = {n: p for n, p in policy.model.named_parameters() if p.requires_grad}
     assert trainable and all("miss_" in n for n in trainable)
     assert sum(p.numel() for p in trainable.values()) == SMALL["num_layers"] * 8 * SMALL["hidden_size"]

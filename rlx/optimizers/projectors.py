@@ -58,7 +58,8 @@ class Subspace:
             gauss = torch.randn(n if right else m, r, generator=generator)
             q, _ = torch.linalg.qr(gauss)
             basis = q.T if right else q
-        return basis.to(device=g.device, dtype=g.dtype).contiguous()
+        # a compact copy: a slice of U or Vh would keep the whole factor's storage alive
+        return basis.to(device=g.device, dtype=g.dtype).clone(memory_format=torch.contiguous_format)
 
 
 class Coordinates:

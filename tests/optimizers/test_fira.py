@@ -112,3 +112,21 @@ def test_fira_matches_the_fira_package():
         peer = fira.FiraAdamW([{"params": [ref], "rank": 8, "update_proj_gap": 3, "alpha": 1.0,
                                 "proj_type": "std"}], lr=1e-2, eps=1e-10)
     torch.testing.assert_close(steps_with(opt, ours), steps_with(peer, ref), rtol=1e-5, atol=1e-6)
+
+
+def test_memory_report_sees_the_basis_galore_torch_keeps_in_its_projector():
+    """The peer keeps its basis inside a projector object, as a slice of the SVD's Vh: the report must see
+    it, and counts the storage that slice keeps alive (all of Vh, 32x32, not 8x32)."""
+    galore_torch = pytest.importorskip("galore_torch")
+    from rlx.memory import memory_report
+
+    ours, ref = one_matrix(), one_matrix()
+    opt = GradientSplitting([("mlp.w", ours)], projector="svd", rank=8, state_free="none")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        peer = galore_torch.GaLoreAdamW([{"params": [ref], "rank": 8, "update_proj_gap": 3, "scale": 0.25,
+                                          "proj_type": "std"}])
+    steps_with(opt, ours, 1), steps_with(peer, ref, 1)
+    moments = 2 * 64 * 8  # two moments of R (64x8)
+    assert memory_report(torch.nn.Linear(1, 1), opt)["optimizer_MB"] == pytest.approx((moments + 8 * 32) * 4 / 2**20)
+    assert memory_report(torch.nn.Linear(1, 1), peer)["optimizer_MB"] == pytest.approx((moments + 32 * 32) * 4 / 2**20)

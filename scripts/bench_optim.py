@@ -1,0 +1,194 @@
+"""Memory-efficient optimizers at equal tokens: validation perplexity against optimizer memory.
+
+    make bench-optim                                    # = python scripts/bench_optim.py (about 45 minutes)
+    python scripts/bench_optim.py --runs adamw frugal_svd --steps 200
+    python scripts/bench_optim.py --report              # re-render the tables and plot from the JSON
+
+Pretraining: every run trains `model=tiny` (1.8M parameters, random init, seed 0) with `algo=sft` on
+`data=shakespeare` for the same steps and tokens, at the LR each method's paper uses relative to
+AdamW (FRUGAL keeps AdamW's; GaLore and Fira use a larger one with the low-rank update scaled by
+0.25; Lion a third), the cosine schedule and `update_gap=50` for every projection method (the
+papers refresh every 200 of 10k+ steps; at 500 steps that would be two refreshes). The peers run
+the same work: galore-torch's GaLoreAdamW and the fira package's FiraAdamW (scripts/_peers.py),
+bitsandbytes' and torchao's 8-bit AdamW. Reported: validation perplexity on held-out text,
+optimizer-state MB after step 1, the peak MB of that step (weights, state, gradients, activations)
+and the mean step time of the run.
+
+Fine-tuning: the SFT base (`model=tiny_sft`, `make base`) trained further on the reasoning task with
+two-digit operands (a harder variant than the base saw) with full AdamW, LoRA, Bone (peft's MiSS)
+and FRUGAL at a similar state size, reporting answer accuracy on 256 validation problems.
+
+Writes docs/results/bench_optim.json (kept across invocations with the same steps), the
+"Memory-efficient optimizers" section of docs/RESULTS.md and docs/optim_pareto.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _results import RESULTS, ROOT, machine, now, write_section  # noqa: E402
+
+from rlx.config import compose_config  # noqa: E402
+from rlx.tasks import run_training  # noqa: E402
+
+HEADING = "## Memory-efficient optimizers (bench_optim)"
+OUT = ROOT / "docs" / "results" / "bench_optim.json"
+LENGTH = 256
+PRETRAIN = ["model=tiny", "data=shakespeare", "algo=sft", f"algo.max_length={LENGTH}",
+            f"trainer.eval_max_length={LENGTH}", "trainer.micro_batch_size=8", "trainer.eval_every=0",
+            "trainer.save_every=0", "trainer.log_every=10", "trainer.progress=false", "trainer.eval_samples=128",
+            "trainer.eval_batch_size=16"]
+GAP = ["optimizer.update_gap=50"]
+PEER = ["optimizer.density=0.25", "optimizer.update_gap=50", "optimizer.scale=0.25", "optimizer.lr=1e-2",
+        "optimizer.betas=[0.9,0.95]", "optimizer.eps=1e-8", "optimizer.weight_decay=0.0", "~optimizer.state_free",
+        "~optimizer.state_free_lr_scale", "~optimizer.projector", "~optimizer.reset_on_refresh",
+        "~optimizer.fira_gamma", "~optimizer.seed"]
+PRETRAIN_RUNS = {
+    "adamw": ["optimizer=adamw"],
+    "adamw8bit_bnb": ["optimizer=adamw8bit", "optimizer.lr=3e-3"],
+    "adamw8bit_torchao": ["optimizer=adamw8bit_ao", "optimizer.lr=3e-3"],
+    "galore": ["optimizer=galore", *GAP],
+    "galore_torch": ["optimizer=fira", "optimizer._target_=_peers.galore_torch_adamw", *PEER],
+    "frugal_svd": ["optimizer=frugal", "optimizer.projector=svd", *GAP],
+    "frugal_block": ["optimizer=frugal", "optimizer.projector=block", *GAP],
+    "frugal_0": ["optimizer=frugal", "optimizer.density=0", *GAP],
+    "fira": ["optimizer=fira", *GAP],
+    "fira_package": ["optimizer=fira", "optimizer._target_=_peers.fira_package_adamw", *PEER],
+    "lion": ["optimizer=lion", "optimizer.lr=1e-3"],
+    "lion_k_nuclear": ["optimizer=lion_k", "optimizer.kernel=nuclear", "optimizer.lr=1e-1"],
+    "lost": ["optimizer=adamw", "model.parameterization=lost"],
+    "trp": ["optimizer=adamw", "hooks=trp", "hooks.trp.period=10"],
+}
+FINETUNE = ["model=tiny_sft", "data=reasoning", "data.max_digits=2", "algo=sft", "trainer.micro_batch_size=32",
+            "trainer.eval_every=0", "trainer.save_every=0", "trainer.log_every=10", "trainer.progress=false",
+            "trainer.eval_samples=256", "trainer.lr_scheduler=cosine", "trainer.warmup_steps=20"]
+ALL_LINEAR = "target_modules:[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"
+FINETUNE_RUNS = {
+    "ft_adamw": ["optimizer=adamw", "optimizer.lr=3e-4"],
+    "ft_lora": ["optimizer=adamw", "optimizer.lr=3e-3", f"model.lora={{r:16,lora_alpha:32,{ALL_LINEAR}}}"],
+    "ft_bone": ["optimizer=adamw", "optimizer.lr=3e-3", f"model.lora={{peft_type:MISS,r:32,{ALL_LINEAR}}}"],
+    "ft_frugal": ["optimizer=frugal", "optimizer.lr=3e-4", "optimizer.projector=svd", "optimizer.rank=16",
+                  "optimizer.state_free_lr_scale=0.1", *GAP],
+}
+RUNS = {**PRETRAIN_RUNS, **FINETUNE_RUNS}
+KEEP = ("memory/optimizer_MB", "memory/held_MB", "memory/weights_MB", "memory/step_peak_MB", "train/tokens",
+        "eval/loss", "eval/perplexity", "eval/accuracy", "params_M")
+
+
+def run(name: str, steps: int) -> dict:
+    base = FINETUNE if name in FINETUNE_RUNS else PRETRAIN
+    cfg = compose_config("train", [*base, *RUNS[name], f"trainer.max_steps={steps}"])
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        summary = run_training(cfg, Path(tmp))
+        rows = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
+    return {"name": name, "overrides": RUNS[name], "steps": steps, "wall_s": time.perf_counter() - t0,
+            "step_s": summary["train/time_s"] / steps, **{k: summary[k] for k in KEEP if k in summary},
+            "curve": [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]}
+
+
+def perplexity(r: dict) -> float:
+    return r.get("eval/perplexity", math.exp(r["eval/loss"]))
+
+
+def render(result: dict) -> str:
+    runs = {r["name"]: r for r in result["runs"]}
+    m = result["machine"]
+    lines = [HEADING, "",
+             f"`make bench-optim` (runs kept across invocations with the same steps; the last: `{result['command']}`) "
+             f"on {m['cpu']} ({m['cpu_count']} cores), {result['date']}."]
+    base = runs.get("adamw")
+    pre = [runs[n] for n in PRETRAIN_RUNS if n in runs]
+    if pre:
+        tokens = pre[0].get("train/tokens", 0)
+        lines += ["", f"Pretraining `model=tiny` on `data=shakespeare`, {result['steps']} steps ({tokens:,} tokens) "
+                  "each. Perplexity on 128 held-out chunks; optimizer state after step 1; the peak of that step; "
+                  "step time over the run. Ratios against AdamW.", "",
+                  "| run | val ppl | Δ ppl vs AdamW | optimizer MB | state vs AdamW | step peak MB | step s | time vs AdamW |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in pre:
+            d = f"{perplexity(r) - perplexity(base):+.2f}" if base and r is not base else ""
+            s = f"{r['memory/optimizer_MB'] / base['memory/optimizer_MB']:.2f}×" if base else ""
+            t = f"{r['step_s'] / base['step_s']:.2f}×" if base else ""
+            lines.append(f"| `{r['name']}` | {perplexity(r):.2f} | {d} | {r['memory/optimizer_MB']:.2f} | {s} | "
+                         f"{r['memory/step_peak_MB']:.1f} | {r['step_s']:.3f} | {t} |")
+    ft = [runs[n] for n in FINETUNE_RUNS if n in runs]
+    if ft:
+        lines += ["", f"Fine-tuning the SFT base on two-digit problems, {ft[0]['steps']} steps: answer accuracy on 256 "
+                  "validation problems; optimizer state and held MB (weights, adapters, state) after step 1.", "",
+                  "| run | accuracy | val loss | trainable M | optimizer MB | held MB | step peak MB | step s |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in ft:
+            lines.append(f"| `{r['name']}` | {r.get('eval/accuracy', float('nan')):.3f} | {r['eval/loss']:.3f} | "
+                         f"{r.get('params_M', 0):.3f} | {r['memory/optimizer_MB']:.2f} | {r['memory/held_MB']:.2f} | "
+                         f"{r['memory/step_peak_MB']:.1f} | {r['step_s']:.3f} |")
+    lines += ["", "Overrides per run: " + "; ".join(f"`{r['name']}`: `{' '.join(r['overrides'])}`"
+                                                   for r in result["runs"]) + "."]
+    return "\n".join(lines)
+
+
+def plot(result: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pre = [r for r in result["runs"] if r["name"] in PRETRAIN_RUNS]
+    if not pre:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in pre:
+        peer = r["name"] in ("galore_torch", "fira_package", "adamw8bit_bnb", "adamw8bit_torchao")
+        ax.scatter(r["memory/optimizer_MB"], perplexity(r), marker="s" if peer else "o", s=36)
+        ax.annotate(r["name"], (r["memory/optimizer_MB"], perplexity(r)), fontsize=7, xytext=(4, 3),
+                    textcoords="offset points")
+    ax.set_xlabel("optimizer state (MB)")
+    ax.set_ylabel("validation perplexity")
+    ax.set_title(f"model=tiny, {result['steps']} steps on shakespeare (squares: peer libraries)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(ROOT / "docs" / "optim_pareto.png", dpi=120)
+    plt.close(fig)
+
+
+def publish(result: dict) -> None:
+    section = render(result)
+    write_section(RESULTS, HEADING, section)
+    plot(result)
+    print(section)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
+    parser.add_argument("--steps", type=int, default=500, help="pretraining steps")
+    parser.add_argument("--finetune-steps", type=int, default=300)
+    parser.add_argument("--report", action="store_true", help="only rewrite the tables and plot from the JSON")
+    args = parser.parse_args()
+    if args.report:
+        publish(json.loads(OUT.read_text()))
+        return
+    earlier = json.loads(OUT.read_text()) if OUT.exists() else {}
+    runs = earlier.get("runs", []) if earlier.get("steps") == args.steps else []
+    for name in args.runs:
+        r = run(name, args.finetune_steps if name in FINETUNE_RUNS else args.steps)
+        print(f"{name}: ppl {perplexity(r):.2f} acc {r.get('eval/accuracy', float('nan')):.3f} "
+              f"state {r['memory/optimizer_MB']:.2f} MB peak {r['memory/step_peak_MB']:.1f} MB "
+              f"{r['step_s']:.3f} s/step", flush=True)
+        runs = [x for x in runs if x["name"] != name] + [r]
+        result = {"steps": args.steps, "command": " ".join(["python scripts/bench_optim.py", *sys.argv[1:]]),
+                  "date": now(), "machine": machine(), "runs": sorted(runs, key=lambda x: list(RUNS).index(x["name"]))}
+        OUT.parent.mkdir(parents=True, exist_ok=True)
+        OUT.write_text(json.dumps(result, indent=1) + "\n")
+    publish(result)
+
+
+if __name__ == "__main__":
+    main()
