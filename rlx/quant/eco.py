@@ -181,11 +181,12 @@ class ECO(NoMaster):
 
     def feedback(self, name: str, p: Tensor, residual: Tensor, state) -> None:
         group, moments = self._groups[id(p)], state.optimizer.state[p]
-        moment = moments.get("momentum_buffer", moments.get("exp_avg"))
-        if not isinstance(moment, Tensor) or moment.shape != residual.shape:
-            raise RlxError(f"quantizer=eco folds the rounding residual into each weight's momentum, and "
+        # SGD's buffer, or Adam's first moment (Adam is recognised by its second one: Lion keeps an exp_avg too)
+        moment = moments.get("momentum_buffer", moments.get("exp_avg") if "exp_avg_sq" in moments else None)
+        if type(moment) is not Tensor or moment.shape != residual.shape:  # a subclass: quantized state
+            raise RlxError(f"quantizer=eco folds the rounding residual into each weight's SGD or Adam momentum, and "
                            f"{type(state.optimizer).__name__} keeps none in the weight's shape (its state lives in a "
-                           "subspace, is quantized, or is absent): use SGD with momentum or Adam/AdamW")
+                           "subspace, is quantized, is another kind, or is absent): use SGD with momentum or Adam/AdamW")
         lr, next_lr = self._lrs[id(p)], group["lr"]  # the loop has already stepped the scheduler
         if lr == 0 or next_lr == 0:  # no step before or after to carry the residual
             self.skipped += 1
