@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 #   make install TORCH=torch          (PyPI's default Linux build includes CUDA)
 TORCH  ?= torch==2.13.0
 
-.PHONY: install test test-slow smoke base bench bench-rl bench-length bench-quant bench-robustness lint clean
+.PHONY: install test test-slow smoke base bench bench-rl bench-length bench-quant bench-robustness bench-optim lint clean
 
 install:
 	python3 -m venv $(VENV)
@@ -45,6 +45,10 @@ bench-length:
 # ECO against master-weight training and naive removal, and QAT phases at 4 and 2 bits (about 50 minutes).
 bench-quant:
 	$(PY) scripts/bench_quant_train.py
+
+# Memory-efficient optimizers at equal tokens, and fine-tuning with LoRA, Bone and FRUGAL (about 45 minutes; needs `make base`).
+bench-optim:
+	$(PY) scripts/bench_optim.py
 
 # Which statistic predicts the loss PTQ adds to models trained with different optimizers.
 bench-robustness:

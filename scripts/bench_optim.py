@@ -14,9 +14,10 @@ bitsandbytes' and torchao's 8-bit AdamW. Reported: validation perplexity on held
 optimizer-state MB after step 1, the peak MB of that step (weights, state, gradients, activations)
 and the mean step time of the run.
 
-Fine-tuning: the SFT base (`model=tiny_sft`, `make base`) trained further on the reasoning task with
-two-digit operands (a harder variant than the base saw) with full AdamW, LoRA, Bone (peft's MiSS)
-and FRUGAL at a similar state size, reporting answer accuracy on 256 validation problems.
+Fine-tuning: the SFT base (`model=tiny_sft`, `make base`) trained further on longer sums than it
+saw (chains of 5-6 terms; it was trained on 2-4 and solves 5% of these) with full AdamW, LoRA, Bone
+(peft's MiSS) and FRUGAL at a similar state size, reporting greedy answer accuracy on 256
+validation problems.
 
 Writes docs/results/bench_optim.json (kept across invocations with the same steps), the
 "Memory-efficient optimizers" section of docs/RESULTS.md and docs/optim_pareto.png.
@@ -52,6 +53,8 @@ PEER = ["optimizer.density=0.25", "optimizer.update_gap=50", "optimizer.scale=0.
         "~optimizer.fira_gamma", "~optimizer.seed"]
 PRETRAIN_RUNS = {
     "adamw": ["optimizer=adamw"],
+    "adamw_lr6e-3": ["optimizer=adamw", "optimizer.lr=6e-3"],
+    "adamw_lr1e-2": ["optimizer=adamw", "optimizer.lr=1e-2"],
     "adamw8bit_bnb": ["optimizer=adamw8bit", "optimizer.lr=3e-3"],
     "adamw8bit_torchao": ["optimizer=adamw8bit_ao", "optimizer.lr=3e-3"],
     "galore": ["optimizer=galore", *GAP],
@@ -66,16 +69,21 @@ PRETRAIN_RUNS = {
     "lost": ["optimizer=adamw", "model.parameterization=lost"],
     "trp": ["optimizer=adamw", "hooks=trp", "hooks.trp.period=10"],
 }
-FINETUNE = ["model=tiny_sft", "data=reasoning", "data.max_digits=2", "algo=sft", "trainer.micro_batch_size=32",
+FINETUNE = ["model=tiny_sft", "data=reasoning", "data.min_terms=5", "data.max_terms=6", "algo=sft", "trainer.micro_batch_size=32",
             "trainer.eval_every=0", "trainer.save_every=0", "trainer.log_every=10", "trainer.progress=false",
             "trainer.eval_samples=256", "trainer.lr_scheduler=cosine", "trainer.warmup_steps=20"]
 ALL_LINEAR = "target_modules:[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"
 FINETUNE_RUNS = {
+    "ft_base": ["optimizer=adamw", "optimizer.lr=0.0"],  # one step at LR 0: the SFT base as it is
     "ft_adamw": ["optimizer=adamw", "optimizer.lr=3e-4"],
     "ft_lora": ["optimizer=adamw", "optimizer.lr=3e-3", f"model.lora={{r:16,lora_alpha:32,{ALL_LINEAR}}}"],
     "ft_bone": ["optimizer=adamw", "optimizer.lr=3e-3", f"model.lora={{peft_type:MISS,r:32,{ALL_LINEAR}}}"],
     "ft_frugal": ["optimizer=frugal", "optimizer.lr=3e-4", "optimizer.projector=svd", "optimizer.rank=16",
                   "optimizer.state_free_lr_scale=0.1", *GAP],
+    # the adapters' LR for the full-weight methods too
+    "ft_adamw_lr3e-3": ["optimizer=adamw", "optimizer.lr=3e-3"],
+    "ft_frugal_lr3e-3": ["optimizer=frugal", "optimizer.lr=3e-3", "optimizer.projector=svd", "optimizer.rank=16",
+                         "optimizer.state_free_lr_scale=0.1", *GAP],
 }
 RUNS = {**PRETRAIN_RUNS, **FINETUNE_RUNS}
 KEEP = ("memory/optimizer_MB", "memory/held_MB", "memory/weights_MB", "memory/step_peak_MB", "train/tokens",
@@ -91,6 +99,7 @@ def run(name: str, steps: int) -> dict:
         rows = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
     return {"name": name, "overrides": RUNS[name], "steps": steps, "wall_s": time.perf_counter() - t0,
             "step_s": summary["train/time_s"] / steps, **{k: summary[k] for k in KEEP if k in summary},
+            **{k: summary[k] for k in summary if k.startswith("trp/export")},
             "curve": [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]}
 
 
@@ -106,22 +115,30 @@ def render(result: dict) -> str:
              f"on {m['cpu']} ({m['cpu_count']} cores), {result['date']}."]
     base = runs.get("adamw")
     pre = [runs[n] for n in PRETRAIN_RUNS if n in runs]
+    tuned = min((r for r in pre if r["name"].startswith("adamw") and "8bit" not in r["name"]), key=perplexity,
+                default=None)
     if pre:
         tokens = pre[0].get("train/tokens", 0)
         lines += ["", f"Pretraining `model=tiny` on `data=shakespeare`, {result['steps']} steps ({tokens:,} tokens) "
                   "each. Perplexity on 128 held-out chunks; optimizer state after step 1; the peak of that step; "
-                  "step time over the run. Ratios against AdamW.", "",
-                  "| run | val ppl | Δ ppl vs AdamW | optimizer MB | state vs AdamW | step peak MB | step s | time vs AdamW |",
+                  "step time over the run. Δ ppl against the best AdamW of the LR sweep"
+                  f" (`{tuned['name'] if tuned else '-'}`); state and time against AdamW.", "",
+                  "| run | val ppl | Δ ppl vs best AdamW | optimizer MB | state vs AdamW | step peak MB | step s | time vs AdamW |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for r in pre:
-            d = f"{perplexity(r) - perplexity(base):+.2f}" if base and r is not base else ""
+            d = f"{perplexity(r) - perplexity(tuned):+.2f}" if tuned and r is not tuned else ""
             s = f"{r['memory/optimizer_MB'] / base['memory/optimizer_MB']:.2f}×" if base else ""
             t = f"{r['step_s'] / base['step_s']:.2f}×" if base else ""
             lines.append(f"| `{r['name']}` | {perplexity(r):.2f} | {d} | {r['memory/optimizer_MB']:.2f} | {s} | "
                          f"{r['memory/step_peak_MB']:.1f} | {r['step_s']:.3f} | {t} |")
+    trp = runs.get("trp", {})
+    if "trp/export_params_ratio" in trp:
+        lines += ["", f"`trp` exports its attention/MLP layers as thin factors holding "
+                  f"{trp['trp/export_params_ratio']:.2f}× their dense parameters (relative reconstruction error "
+                  f"{trp['trp/export_relative_error']:.3f}); the perplexity above is of the trained weights before the export."]
     ft = [runs[n] for n in FINETUNE_RUNS if n in runs]
     if ft:
-        lines += ["", f"Fine-tuning the SFT base on two-digit problems, {ft[0]['steps']} steps: answer accuracy on 256 "
+        lines += ["", f"Fine-tuning the SFT base on 5-6-term sums (it was trained on 2-4), {ft[-1]['steps']} steps (`ft_base`: none): greedy accuracy on 256 "
                   "validation problems; optimizer state and held MB (weights, adapters, state) after step 1.", "",
                   "| run | accuracy | val loss | trainable M | optimizer MB | held MB | step peak MB | step s |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -178,7 +195,7 @@ def main() -> None:
     earlier = json.loads(OUT.read_text()) if OUT.exists() else {}
     runs = earlier.get("runs", []) if earlier.get("steps") == args.steps else []
     for name in args.runs:
-        r = run(name, args.finetune_steps if name in FINETUNE_RUNS else args.steps)
+        r = run(name, (1 if name == "ft_base" else args.finetune_steps) if name in FINETUNE_RUNS else args.steps)
         print(f"{name}: ppl {perplexity(r):.2f} acc {r.get('eval/accuracy', float('nan')):.3f} "
               f"state {r['memory/optimizer_MB']:.2f} MB peak {r['memory/step_peak_MB']:.1f} MB "
               f"{r['step_s']:.3f} s/step", flush=True)
