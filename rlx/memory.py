@@ -7,8 +7,9 @@ expose them through a `held_tensors()` method.
 """
 from __future__ import annotations
 
-import contextlib
 import os
+import sys
+import tempfile
 from typing import Iterable
 
 import torch
@@ -79,11 +80,15 @@ class StepPeak:
     activations and temporaries (an SVD's factors, a decoded weight). `start()`/`stop()` around the
     step; `stop()` returns MB. On CUDA it is the allocator's peak. On a CPU it is the memory held at
     the start plus the highest point of the step's allocations as the torch profiler records them
-    (the profiler runs for this one step only)."""
+    (the profiler runs for this one step only). The profiler's own notices on the C-level stderr
+    are dropped; anything else written there during the step is passed on when it ends."""
+
+    NOISE = ("SyncActivityProfilerHandler", "allocated before the profiling started")
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
         self.model, self.optimizer = model, optimizer
         self.cuda = next(model.parameters()).device.type == "cuda"
+        self.profiler = None
 
     def start(self) -> None:
         if self.cuda:
@@ -92,16 +97,16 @@ class StepPeak:
         from torch.profiler import ProfilerActivity, profile
 
         self.held = memory_report(self.model, self.optimizer)["held_MB"]
+        self.stderr = _StderrFilter(self.NOISE)
         self.profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-        with _quiet_stderr():  # the profiler announces its start and stop on the C stderr
-            self.profiler.start()
+        self.profiler.start()
 
     def close(self) -> None:
         """Stop the profiler if it still runs (the step raised before `stop`)."""
-        if getattr(self, "profiler", None) is not None:
-            with _quiet_stderr():
-                self.profiler.stop()
+        if self.profiler is not None:
+            self.profiler.stop()
             self.profiler = None
+            self.stderr.restore()
 
     def stop(self) -> float:
         if self.cuda:
@@ -117,13 +122,24 @@ class StepPeak:
         return self.held + peak / MB
 
 
-@contextlib.contextmanager
-def _quiet_stderr():
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
+class _StderrFilter:
+    """Send file descriptor 2 to a temporary file until `restore()`, then replay it without the
+    lines that contain any of `noise`."""
+
+    def __init__(self, noise: tuple[str, ...]):
+        self.noise = noise
+        sys.stderr.flush()
+        self.saved, self.buffer = os.dup(2), tempfile.TemporaryFile()
+        os.dup2(self.buffer.fileno(), 2)
+
+    def restore(self) -> None:
+        sys.stderr.flush()
+        os.dup2(self.saved, 2)
+        os.close(self.saved)
+        self.buffer.seek(0)
+        kept = [line for line in self.buffer.read().decode(errors="replace").splitlines(keepends=True)
+                if not any(n in line for n in self.noise)]
+        self.buffer.close()
+        if kept:
+            sys.stderr.write("".join(kept))
+            sys.stderr.flush()
