@@ -12,7 +12,7 @@ from typing import Callable
 import typer
 from omegaconf import OmegaConf
 
-from rlx.config import GROUPS, build, check_overrides, compose_config, group_options
+from rlx.config import ALL_GROUPS, build, check_overrides, compose_config, group_options
 from rlx.errors import RlxError
 
 PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
@@ -54,6 +54,14 @@ def train(ctx: typer.Context) -> None:
     run_hydra_task(train_task, "train", ctx.args)
 
 
+@app.command(context_settings=PASSTHROUGH)
+def quantize(ctx: typer.Context) -> None:
+    """Post-training quantization: rlx quantize [-m] method=gptq|baq|rtn bits=3 [checkpoint=PATH]."""
+    from rlx.tasks import quantize_task
+
+    run_hydra_task(quantize_task, "quantize", ctx.args)
+
+
 @app.command(context_settings=PASSTHROUGH, name="eval")
 def eval_(ctx: typer.Context) -> None:
     """Evaluate a checkpoint or a model: rlx eval checkpoint=outputs/.../last [split=test data=...]."""
@@ -89,10 +97,10 @@ def _eval_config(args: list[str]):
 
 
 @app.command()
-def ls(group: str = typer.Argument(None, help=f"one of: {', '.join(GROUPS)}")) -> None:
+def ls(group: str = typer.Argument(None, help=f"one of: {', '.join(ALL_GROUPS)}")) -> None:
     """List the options of a config group (or every group)."""
     try:
-        for g in [group] if group else GROUPS:
+        for g in [group] if group else ALL_GROUPS:
             typer.echo(f"{g}: {' '.join(group_options(g))}")
     except RlxError as e:
         _fail(e)

@@ -21,14 +21,15 @@ from omegaconf.errors import OmegaConfBaseException
 from rlx.errors import RlxError
 from rlx.paths import CONF_DIR
 
-GROUPS = ("algo", "model", "optimizer", "quantizer", "data", "reward", "logger", "hooks", "experiment")
+GROUPS = ("algo", "model", "optimizer", "quantizer", "data", "reward", "logger", "hooks", "experiment")  # rlx train
+ALL_GROUPS = (*GROUPS, "method")  # `method`: rlx quantize's
 
 
 def group_options(group: str) -> list[str]:
     """The options of a config group: the YAML files in conf/<group>/."""
     folder = CONF_DIR / group
     if not folder.is_dir():
-        raise RlxError(f"unknown config group {group!r}; groups: {', '.join(GROUPS)}")
+        raise RlxError(f"unknown config group {group!r}; groups: {', '.join(ALL_GROUPS)}")
     return sorted(p.stem for p in folder.glob("*.yaml"))
 
 

@@ -82,3 +82,66 @@ def train_task(cfg: DictConfig) -> float:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
     return sweep_metric(summary)
+
+
+# ---------------------------------------------------------------------------- rlx quantize
+
+
+def run_quantize(cfg: DictConfig, run_dir: Path) -> dict:
+    """Quantize the model (or `cfg.checkpoint`), save it to `run_dir/model` with `quantization.json`,
+    evaluate it, and return the summary."""
+    import json
+
+    from rlx.data.collate import lm_batch
+    from rlx.evaluate import evaluate
+    from rlx.models import hf
+    from rlx.quant.ptq import quantize_model
+    from rlx.state import find_checkpoint
+
+    if not 1 <= cfg.bits <= 16:
+        raise RlxError(f"bits={cfg.bits} must lie in 1..16")
+    if cfg.calib.samples < 1:
+        raise RlxError("calib.samples must be >= 1: GPTQ and BAQ need calibration data, and every method reports "
+                       "its error on it")
+    seed_everything(cfg.seed)
+    t_start = time.perf_counter()
+    policy = hf(str(find_checkpoint(cfg.checkpoint)), dtype="float32", device="auto") if cfg.checkpoint \
+        else build(cfg.model)
+    task, method = build(cfg.data), build(cfg.method)
+    examples = task.split("train")[: cfg.calib.samples]
+    if not examples:
+        raise RlxError(f"{cfg.data._target_} has no training examples to calibrate on")
+    device = policy.model.device
+    batches = [{k: v.to(device) for k, v in lm_batch(examples[i:i + cfg.calib.batch_size], policy.tokenizer,
+                                                      cfg.calib.max_length).items()}
+               for i in range(0, len(examples), cfg.calib.batch_size)]
+    policy.model.eval()
+    report = quantize_model(policy.model, method, batches, cfg.bits, cfg.group_size, cfg.symmetric, cfg.progress)
+    out = run_dir / "model"
+    policy.model.save_pretrained(out)
+    policy.tokenizer.save_pretrained(out)
+    report = {"method": cfg.method._target_, "bits": cfg.bits, "group_size": cfg.group_size,
+              "symmetric": cfg.symmetric, **report}
+    (out / "quantization.json").write_text(json.dumps(report, indent=1) + "\n")
+    summary = {"model_dir": str(out), "average_bits": report["average_bits"],
+               "mean_relative_error": report["mean_relative_error"], "quantize_s": report["time_s"]}
+    if cfg.eval.samples:
+        summary.update(evaluate(policy.model, policy.tokenizer, task, cfg.eval.split, cfg.eval.samples,
+                                cfg.eval.batch_size, cfg.eval.max_new_tokens, cfg.eval.max_length))
+    summary["wall_time_s"] = time.perf_counter() - t_start
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        summary = {"overrides": HydraConfig.get().job.override_dirname, **summary}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    print_summary(summary, title="rlx quantize")
+    return summary
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="quantize", version_base="1.3")
+def quantize_task(cfg: DictConfig) -> float:
+    try:
+        summary = run_quantize(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except RlxError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    return -float(summary["mean_relative_error"])
+

@@ -1,0 +1,68 @@
+"""`rlx quantize` end to end on a small model: every layer on its grid, GPTQ and BAQ below RTN, a
+checkpoint transformers loads, and one clear line for bad input."""
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from rlx.cli import app
+from rlx.config import build, compose_config
+from rlx.errors import RlxError
+from rlx.models import hf
+from rlx.tasks import run_quantize
+
+SMALL = ["model=tiny", "model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "model.intermediate_size=64",
+         "data.num_train=64", "data.num_validation=8", "data.num_test=8", "calib.samples=32", "eval.samples=4",
+         "eval.max_new_tokens=8", "progress=false"]
+
+
+def quantize(tmp_path, *overrides):
+    return run_quantize(compose_config("quantize", [*SMALL, *overrides]), tmp_path)
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq", "baq"])
+def test_every_layer_is_on_its_grid_and_the_rest_untouched(method, tmp_path):
+    summary = quantize(tmp_path, f"method={method}", "bits=2")
+    before = build(compose_config("quantize", SMALL).model).model.state_dict()
+    after = hf(str(tmp_path / "model"), dtype="float32", device="cpu").model.state_dict()
+    report = json.loads((tmp_path / "model" / "quantization.json").read_text())
+    assert summary["average_bits"] == report["average_bits"] == 2.0
+    assert len(report["layers"]) == 2 * 7
+    for name, w in after.items():
+        layer = name.removesuffix(".weight")
+        if layer in report["layers"]:
+            info = report["layers"][layer]
+            # an affine grid of 2^b points per row for each bit-width b its columns use (BAQ: several)
+            most = sum(2**b for b in range(int(info["min_bits"]), int(info["max_bits"]) + 1))
+            assert max(len(row.unique()) for row in w) <= most
+            assert method == "baq" or most == 4
+        else:  # embeddings, norms, the (tied) head
+            torch.testing.assert_close(w, before[name], rtol=0, atol=0)
+
+
+def test_gptq_and_baq_leave_less_output_error_than_rtn(tmp_path):
+    errors = {m: quantize(tmp_path / m, f"method={m}", "bits=3")["mean_relative_error"] for m in ("rtn", "gptq", "baq")}
+    assert errors["baq"] < errors["gptq"] < errors["rtn"]
+
+
+def test_eight_bits_is_near_lossless(tmp_path):
+    original = quantize(tmp_path / "16", "method=rtn", "bits=16")
+    eight = quantize(tmp_path / "8", "method=gptq", "bits=8")
+    assert eight["mean_relative_error"] < 1e-4
+    assert eight["eval/loss"] == pytest.approx(original["eval/loss"], rel=1e-2)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["bits=0"], "bits=0 must lie in 1..16"),
+    (["calib.samples=0"], "calib.samples must be >= 1"),
+    (["checkpoint=/nonexistent/run"], "does not exist"),
+])
+def test_bad_input_is_one_clear_error(overrides, message, tmp_path):
+    with pytest.raises(RlxError, match=message):
+        quantize(tmp_path, *overrides)
+
+
+def test_the_command_exits_with_one_line(tmp_path):
+    result = CliRunner().invoke(app, ["quantize", *SMALL, "method=nope", f"hydra.run.dir={tmp_path}"])
+    assert result.exit_code == 1 and "unknown method option 'nope'" in result.output
