@@ -123,7 +123,7 @@ def run_quantize(cfg: DictConfig, run_dir: Path) -> dict:
     report = {"method": cfg.method._target_, "bits": cfg.bits, "group_size": cfg.group_size,
               "symmetric": cfg.symmetric, **report}
     (out / "quantization.json").write_text(json.dumps(report, indent=1) + "\n")
-    summary = {"model_dir": str(out), "average_bits": report["average_bits"],
+    summary = {"model_dir": str(out), "average_bits": report["average_bits"], "packed_MB": report["packed_MB"],
                "mean_relative_error": report["mean_relative_error"], "quantize_s": report["time_s"]}
     if cfg.eval.samples:
         summary.update(evaluate(policy.model, policy.tokenizer, task, cfg.eval.split, cfg.eval.samples,

@@ -94,7 +94,7 @@ def quantize_model(model: nn.Module, method, batches: list[dict], bits: float, g
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
-    layers_report, total_bits, total_weights = {}, 0.0, 0
+    layers_report, total_bits, total_weights, packed_bytes = {}, 0.0, 0, 0.0
     blocks = decoder_blocks(model)
     for block in tqdm(blocks, desc="quantize", disable=None if progress else True):
         layers = {n: m for n, m in target_layers(block).items() if isinstance(m, nn.Linear)}
@@ -111,7 +111,13 @@ def quantize_model(model: nn.Module, method, batches: list[dict], bits: float, g
                                                  "max_bits": col_bits.max().item(), "relative_error": error}
             total_bits += col_bits.sum().item() * w.shape[0]
             total_weights += w.numel()
+            grids = w.shape[0] * (-(-w.shape[1] // group_size) if group_size > 0 else 1) * len(col_bits.unique())
+            packed_bytes += col_bits.sum().item() * w.shape[0] / 8 + grids * 4  # fp16 scale and zero per grid
     errors = [r["relative_error"] for r in layers_report.values()]
+    quantized = {id(m.weight) for block in blocks for m in target_layers(block).values() if isinstance(m, nn.Linear)}
+    other = sum(p.numel() for p in model.parameters() if id(p) not in quantized)
     return {"average_bits": total_bits / max(total_weights, 1), "quantized_weights": total_weights,
+            # the size stored at these bits with fp16 grid parameters, the other weights in 16 bits
+            "packed_MB": (packed_bytes + 2 * other) / 2**20,
             "mean_relative_error": sum(errors) / max(len(errors), 1), "time_s": time.perf_counter() - t0,
             "layers": layers_report}
