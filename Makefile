@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 #   make install TORCH=torch          (PyPI's default Linux build includes CUDA)
 TORCH  ?= torch==2.13.0
 
-.PHONY: install test test-slow smoke base bench bench-rl bench-length bench-quant bench-robustness bench-optim lint clean
+.PHONY: install test test-slow smoke base bench bench-rl bench-length bench-quant bench-robustness bench-optim bench-ptq lint clean
 
 install:
 	python3 -m venv $(VENV)
@@ -49,6 +49,10 @@ bench-quant:
 # Memory-efficient optimizers at equal tokens, and fine-tuning with LoRA, Bone and FRUGAL (about 45 minutes; needs `make base`).
 bench-optim:
 	$(PY) scripts/bench_optim.py
+
+# rlx quantize: RTN, GPTQ and BAQ at 2-4 bits on the tiny LM and the SFT base (about 10 minutes; needs `make base`).
+bench-ptq:
+	$(PY) scripts/bench_ptq.py
 
 # Which statistic predicts the loss PTQ adds to models trained with different optimizers.
 bench-robustness:

@@ -1,0 +1,150 @@
+"""Post-training quantization: RTN, GPTQ and BAQ at 2, 3 and 4 bits on the embedded models.
+
+    make bench-ptq                                      # = python scripts/bench_ptq.py (about 10 minutes)
+    python scripts/bench_ptq.py --models tiny_lm --bits 2 3
+    python scripts/bench_ptq.py --report                # re-render the table and plot from the JSON
+
+Two models: `tiny_lm`, the default tiny model pretrained on Shakespeare for 1,000 steps (built
+here once and cached), scored by validation perplexity on held-out text; and `tiny_sft`, the SFT
+base (`make base`), scored by greedy accuracy on the reasoning task. Every method calibrates on
+128 training examples of the model's own data and quantizes every attention/MLP linear layer
+per output row (no groups). Reported: the evaluation, the mean relative output error of the
+layers on the calibration inputs, the achieved average bits, the packed size and the time.
+
+Writes docs/results/bench_ptq.json, the "Post-training quantization" section of docs/RESULTS.md
+and docs/ptq_bits.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _results import RESULTS, ROOT, machine, now, write_section  # noqa: E402
+
+from rlx.config import compose_config  # noqa: E402
+from rlx.paths import cache_dir  # noqa: E402
+from rlx.tasks import run_quantize, run_training  # noqa: E402
+
+HEADING = "## Post-training quantization (bench_ptq)"
+OUT = ROOT / "docs" / "results" / "bench_ptq.json"
+METHODS = ("rtn", "gptq", "baq")
+MODELS = {
+    "tiny_lm": ["data=shakespeare", "calib.max_length=256", "eval.samples=128", "eval.max_length=256",
+                "eval.batch_size=16"],
+    "tiny_sft": ["data=reasoning", "eval.samples=256"],
+}
+METRIC = {"tiny_lm": "eval/perplexity", "tiny_sft": "eval/accuracy"}
+
+
+def tiny_lm() -> Path:
+    """The tiny model pretrained on Shakespeare (cached): the LM the perplexity rows quantize."""
+    path = cache_dir() / "models" / "tiny-shakespeare"
+    if not (path / "checkpoints" / "last").exists():
+        run_training(compose_config("train", [
+            "model=tiny", "data=shakespeare", "algo=sft", "algo.max_length=256", "trainer.eval_max_length=256",
+            "trainer.micro_batch_size=8", "trainer.max_steps=1000", "trainer.eval_every=0", "trainer.save_every=0",
+            "trainer.eval_samples=16", "trainer.progress=false"]), path)
+    return path / "checkpoints" / "last"
+
+
+def checkpoint(model: str) -> str:
+    return str(tiny_lm()) if model == "tiny_lm" else str(cache_dir() / "models" / "tiny-sft")
+
+
+def run(model: str, method: str, bits: int) -> dict:
+    cfg = compose_config("quantize", [f"checkpoint={checkpoint(model)}", *MODELS[model], f"method={method}",
+                                      f"bits={bits}", "progress=false"])
+    with tempfile.TemporaryDirectory() as tmp:
+        s = run_quantize(cfg, Path(tmp))
+    keep = ("average_bits", "packed_MB", "mean_relative_error", "quantize_s", "eval/loss", "eval/perplexity",
+            "eval/accuracy")
+    return {"model": model, "method": method, "bits": bits, **{k: s[k] for k in keep if k in s}}
+
+
+def render(result: dict) -> str:
+    rows = result["runs"]
+    m = result["machine"]
+    lines = [HEADING, "",
+             f"`make bench-ptq` (`{result['command']}`) on {m['cpu']} ({m['cpu_count']} cores), {result['date']}. "
+             "Per-row grids, 128 calibration examples; `fp` is the model before quantization (RTN at 16 bits). "
+             "Relative error: mean over layers of ‖(W − Q)X‖² / ‖WX‖² on the calibration inputs.", ""]
+    for model in MODELS:
+        these = [r for r in rows if r["model"] == model]
+        if not these:
+            continue
+        metric = METRIC[model]
+        lines += [f"`{model}` ({metric}):", "", "| bits | method | " + metric + " | rel. error | avg bits | packed MB | time s |",
+                  "|---:|---|---:|---:|---:|---:|---:|"]
+        for r in sorted(these, key=lambda r: (-r["bits"], METHODS.index(r["method"]) if r["method"] in METHODS else -1)):
+            label = "fp" if r["bits"] == 16 else r["method"]
+            lines.append(f"| {r['bits']} | {label} | {r[metric]:.4g} | {r['mean_relative_error']:.2e} | "
+                         f"{r['average_bits']:.2f} | {r['packed_MB']:.2f} | {r['quantize_s']:.1f} |")
+        lines.append("")
+    return "\n".join(lines).rstrip()
+
+
+def plot(result: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(MODELS), figsize=(10, 4))
+    for ax, model in zip(axes, MODELS):
+        for method in METHODS:
+            pts = sorted((r["bits"], r[METRIC[model]]) for r in result["runs"]
+                         if r["model"] == model and r["method"] == method and r["bits"] < 16)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=method)
+        fp = [r[METRIC[model]] for r in result["runs"] if r["model"] == model and r["bits"] == 16]
+        if fp:
+            ax.axhline(fp[0], color="gray", linestyle="--", label="fp")
+        ax.set_xlabel("average bits per weight")
+        ax.set_ylabel(METRIC[model])
+        ax.set_title(model)
+        if model == "tiny_lm":
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(ROOT / "docs" / "ptq_bits.png", dpi=120)
+    plt.close(fig)
+
+
+def publish(result: dict) -> None:
+    section = render(result)
+    write_section(RESULTS, HEADING, section)
+    plot(result)
+    print(section)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--bits", nargs="+", type=int, default=[2, 3, 4])
+    parser.add_argument("--report", action="store_true", help="only rewrite the table and plot from the JSON")
+    args = parser.parse_args()
+    if args.report:
+        publish(json.loads(OUT.read_text()))
+        return
+    runs = json.loads(OUT.read_text())["runs"] if OUT.exists() else []
+    for model in args.models:
+        for method, bits in [("rtn", 16), *((m, b) for b in args.bits for m in METHODS)]:
+            r = run(model, method, bits)
+            print(f"{model} {method} {bits}: {METRIC[model]} {r[METRIC[model]]:.4g} "
+                  f"error {r['mean_relative_error']:.2e}", flush=True)
+            runs = [x for x in runs if (x["model"], x["method"], x["bits"]) != (model, method, bits)] + [r]
+            result = {"command": " ".join(["python scripts/bench_ptq.py", *sys.argv[1:]]), "date": now(),
+                      "machine": machine(), "runs": runs}
+            OUT.parent.mkdir(parents=True, exist_ok=True)
+            OUT.write_text(json.dumps(result, indent=1) + "\n")
+    publish(result)
+
+
+if __name__ == "__main__":
+    main()
