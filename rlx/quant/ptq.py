@@ -88,33 +88,44 @@ def _hessians(model: nn.Module, block: nn.Module, layers: dict[str, nn.Module], 
     return hessians
 
 
-def quantize_model(model: nn.Module, method, batches: list[dict], bits: float, group_size: int = 0,
-                   symmetric: bool = False, progress: bool = True) -> dict:
-    """Quantize `model` in place; returns the report (per-layer bits and errors, averages, time)."""
+def calibrated_layers(model: nn.Module, batches: list[dict], progress: bool = True, desc: str = "calibrate"):
+    """(qualified name, layer, H) for every attention/MLP linear layer, block by block. A block is
+    calibrated only when the caller has finished with the blocks before it, so changes made to their
+    weights (quantized, pruned) shape the inputs the later layers are calibrated on."""
     from tqdm.auto import tqdm
 
-    t0 = time.perf_counter()
-    layers_report, total_bits, total_weights, packed_bytes = {}, 0.0, 0, 0.0
-    blocks = decoder_blocks(model)
-    for block in tqdm(blocks, desc="quantize", disable=None if progress else True):
+    for block in tqdm(decoder_blocks(model), desc=desc, disable=None if progress else True):
         layers = {n: m for n, m in target_layers(block).items() if isinstance(m, nn.Linear)}
         prefix = next(n for n, m in model.named_modules() if m is block)
         for name, h in _hessians(model, block, layers, batches).items():
-            layer = layers[name]
-            w = layer.weight.data.float()
-            q, col_bits = method(w, h, bits, group_size, symmetric)
-            d = w - q
-            error = (torch.trace(d @ h @ d.T) / torch.trace(w @ h @ w.T).clamp_min(1e-30)).item()
-            layer.weight.data.copy_(q.to(layer.weight.dtype))
-            col_bits = col_bits.float()
-            layers_report[f"{prefix}.{name}"] = {"bits": col_bits.mean().item(), "min_bits": col_bits.min().item(),
-                                                 "max_bits": col_bits.max().item(), "relative_error": error}
-            total_bits += col_bits.sum().item() * w.shape[0]
-            total_weights += w.numel()
-            grids = w.shape[0] * (-(-w.shape[1] // group_size) if group_size > 0 else 1) * len(col_bits.unique())
-            packed_bytes += col_bits.sum().item() * w.shape[0] / 8 + grids * 4  # fp16 scale and zero per grid
+            yield f"{prefix}.{name}", layers[name], h
+
+
+def relative_error(w: Tensor, new: Tensor, h: Tensor) -> float:
+    """‖(W − W') X‖² / ‖W X‖² on the calibration inputs, from H = X Xᵀ."""
+    d = w - new
+    return (torch.trace(d @ h @ d.T) / torch.trace(w @ h @ w.T).clamp_min(1e-30)).item()
+
+
+def quantize_model(model: nn.Module, method, batches: list[dict], bits: float, group_size: int = 0,
+                   symmetric: bool = False, progress: bool = True) -> dict:
+    """Quantize `model` in place; returns the report (per-layer bits and errors, averages, time)."""
+    t0 = time.perf_counter()
+    layers_report, total_bits, total_weights, packed_bytes, quantized = {}, 0.0, 0, 0.0, set()
+    for name, layer, h in calibrated_layers(model, batches, progress, "quantize"):
+        w = layer.weight.data.float()
+        q, col_bits = method(w, h, bits, group_size, symmetric)
+        error = relative_error(w, q, h)
+        layer.weight.data.copy_(q.to(layer.weight.dtype))
+        quantized.add(id(layer.weight))
+        col_bits = col_bits.float()
+        layers_report[name] = {"bits": col_bits.mean().item(), "min_bits": col_bits.min().item(),
+                               "max_bits": col_bits.max().item(), "relative_error": error}
+        total_bits += col_bits.sum().item() * w.shape[0]
+        total_weights += w.numel()
+        grids = w.shape[0] * (-(-w.shape[1] // group_size) if group_size > 0 else 1) * len(col_bits.unique())
+        packed_bytes += col_bits.sum().item() * w.shape[0] / 8 + grids * 4  # fp16 scale and zero per grid
     errors = [r["relative_error"] for r in layers_report.values()]
-    quantized = {id(m.weight) for block in blocks for m in target_layers(block).values() if isinstance(m, nn.Linear)}
     other = sum(p.numel() for p in model.parameters() if id(p) not in quantized)
     return {"average_bits": total_bits / max(total_weights, 1), "quantized_weights": total_weights,
             # the size stored at these bits with fp16 grid parameters, the other weights in 16 bits
