@@ -62,6 +62,14 @@ def quantize(ctx: typer.Context) -> None:
     run_hydra_task(quantize_task, "quantize", ctx.args)
 
 
+@app.command(context_settings=PASSTHROUGH)
+def prune(ctx: typer.Context) -> None:
+    """Pruning: rlx prune [-m] method=wanda|magnitude sparsity=0.5 [n_m=[2,4]] [checkpoint=PATH]."""
+    from rlx.tasks import prune_task
+
+    run_hydra_task(prune_task, "prune", ctx.args)
+
+
 @app.command(context_settings=PASSTHROUGH, name="eval")
 def eval_(ctx: typer.Context) -> None:
     """Evaluate a checkpoint or a model: rlx eval checkpoint=outputs/.../last [split=test data=...]."""

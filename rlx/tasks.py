@@ -84,30 +84,48 @@ def train_task(cfg: DictConfig) -> float:
     return sweep_metric(summary)
 
 
-# ---------------------------------------------------------------------------- rlx quantize
+# ---------------------------------------------------------------------------- rlx quantize, rlx prune
 
 
 def run_quantize(cfg: DictConfig, run_dir: Path) -> dict:
-    """Quantize the model (or `cfg.checkpoint`), save it to `run_dir/model` with `quantization.json`,
-    evaluate it, and return the summary."""
+    """Quantize the model (or `cfg.checkpoint`) into `run_dir/model` (+ `quantization.json`) and evaluate it."""
+    if not 1 <= cfg.bits <= 16:
+        raise RlxError(f"bits={cfg.bits} must lie in 1..16")
+    return _compress(cfg, run_dir, "quantize")
+
+
+def run_prune(cfg: DictConfig, run_dir: Path) -> dict:
+    """Prune the model (or `cfg.checkpoint`) into `run_dir/model` (+ `pruning.json`) and evaluate it."""
+    if cfg.n_m is None and not 0 <= cfg.sparsity < 1:
+        raise RlxError(f"sparsity={cfg.sparsity} must lie in [0, 1)")
+    if cfg.n_m is not None and (len(cfg.n_m) != 2 or not 0 < cfg.n_m[0] <= cfg.n_m[1]):
+        raise RlxError(f"n_m={list(cfg.n_m)}: give [N, M] with 0 < N <= M, e.g. [2, 4]")
+    return _compress(cfg, run_dir, "prune")
+
+
+def _compress(cfg: DictConfig, run_dir: Path, kind: str) -> dict:
     import json
 
     from rlx.data.collate import lm_batch
     from rlx.evaluate import evaluate
     from rlx.models import hf
-    from rlx.quant.ptq import quantize_model
+    from rlx.quant.prune import Magnitude, Wanda, prune_model
+    from rlx.quant.ptq import GPTQ, RTN, quantize_model
     from rlx.state import find_checkpoint
 
-    if not 1 <= cfg.bits <= 16:
-        raise RlxError(f"bits={cfg.bits} must lie in 1..16")
     if cfg.calib.samples < 1:
-        raise RlxError("calib.samples must be >= 1: GPTQ and BAQ need calibration data, and every method reports "
-                       "its error on it")
+        raise RlxError("calib.samples must be >= 1: the methods calibrate on it (GPTQ, BAQ, Wanda) and every one "
+                       "reports its error on it")
     seed_everything(cfg.seed)
     t_start = time.perf_counter()
+    method = build(cfg.method)
+    fits = {"quantize": (RTN, GPTQ), "prune": (Magnitude, Wanda)}
+    if not isinstance(method, fits[kind]):
+        other = "prune" if kind == "quantize" else "quantize"
+        raise RlxError(f"method {cfg.method._target_} is for rlx {other}, not rlx {kind}")
     policy = hf(str(find_checkpoint(cfg.checkpoint)), dtype="float32", device="auto") if cfg.checkpoint \
         else build(cfg.model)
-    task, method = build(cfg.data), build(cfg.method)
+    task = build(cfg.data)
     examples = task.split("train")[: cfg.calib.samples]
     if not examples:
         raise RlxError(f"{cfg.data._target_} has no training examples to calibrate on")
@@ -116,15 +134,23 @@ def run_quantize(cfg: DictConfig, run_dir: Path) -> dict:
                                                       cfg.calib.max_length).items()}
                for i in range(0, len(examples), cfg.calib.batch_size)]
     policy.model.eval()
-    report = quantize_model(policy.model, method, batches, cfg.bits, cfg.group_size, cfg.symmetric, cfg.progress)
+    if kind == "quantize":
+        report = quantize_model(policy.model, method, batches, cfg.bits, cfg.group_size, cfg.symmetric, cfg.progress)
+        report = {"method": cfg.method._target_, "bits": cfg.bits, "group_size": cfg.group_size,
+                  "symmetric": cfg.symmetric, **report}
+        head = {"average_bits": report["average_bits"], "packed_MB": report["packed_MB"]}
+    else:
+        n_m = tuple(cfg.n_m) if cfg.n_m is not None else None
+        report = prune_model(policy.model, method, batches, cfg.sparsity, n_m, cfg.progress)
+        report = {"method": cfg.method._target_, "requested_sparsity": cfg.sparsity, "n_m": cfg.n_m and list(n_m),
+                  **report}
+        head = {"sparsity": report["sparsity"]}
     out = run_dir / "model"
     policy.model.save_pretrained(out)
     policy.tokenizer.save_pretrained(out)
-    report = {"method": cfg.method._target_, "bits": cfg.bits, "group_size": cfg.group_size,
-              "symmetric": cfg.symmetric, **report}
-    (out / "quantization.json").write_text(json.dumps(report, indent=1) + "\n")
-    summary = {"model_dir": str(out), "average_bits": report["average_bits"], "packed_MB": report["packed_MB"],
-               "mean_relative_error": report["mean_relative_error"], "quantize_s": report["time_s"]}
+    (out / ("quantization.json" if kind == "quantize" else "pruning.json")).write_text(json.dumps(report, indent=1) + "\n")
+    summary = {"model_dir": str(out), **head, "mean_relative_error": report["mean_relative_error"],
+               f"{kind}_s": report["time_s"]}
     if cfg.eval.samples:
         summary.update(evaluate(policy.model, policy.tokenizer, task, cfg.eval.split, cfg.eval.samples,
                                 cfg.eval.batch_size, cfg.eval.max_new_tokens, cfg.eval.max_length))
@@ -132,16 +158,24 @@ def run_quantize(cfg: DictConfig, run_dir: Path) -> dict:
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
         summary = {"overrides": HydraConfig.get().job.override_dirname, **summary}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    print_summary(summary, title="rlx quantize")
+    print_summary(summary, title=f"rlx {kind}")
     return summary
 
 
-@hydra.main(config_path=str(CONF_DIR), config_name="quantize", version_base="1.3")
-def quantize_task(cfg: DictConfig) -> float:
+def _compression_task(run, cfg: DictConfig) -> float:
     try:
-        summary = run_quantize(cfg, Path(HydraConfig.get().runtime.output_dir))
+        summary = run(cfg, Path(HydraConfig.get().runtime.output_dir))
     except RlxError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
     return -float(summary["mean_relative_error"])
 
+
+@hydra.main(config_path=str(CONF_DIR), config_name="quantize", version_base="1.3")
+def quantize_task(cfg: DictConfig) -> float:
+    return _compression_task(run_quantize, cfg)
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="prune", version_base="1.3")
+def prune_task(cfg: DictConfig) -> float:
+    return _compression_task(run_prune, cfg)
