@@ -50,7 +50,7 @@ bench-quant:
 bench-optim:
 	$(PY) scripts/bench_optim.py
 
-# rlx quantize: RTN, GPTQ and BAQ at 2-4 bits on the tiny LM and the SFT base (about 10 minutes; needs `make base`).
+# rlx quantize and rlx prune: RTN, GPTQ and BAQ at 2-4 bits, magnitude and Wanda at 50% and 2:4 (about 10 minutes; needs `make base`).
 bench-ptq:
 	$(PY) scripts/bench_ptq.py
 

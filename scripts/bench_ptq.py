@@ -1,4 +1,5 @@
-"""Post-training quantization: RTN, GPTQ and BAQ at 2, 3 and 4 bits on the embedded models.
+"""Post-training compression: RTN, GPTQ and BAQ at 2, 3 and 4 bits, and magnitude and Wanda pruning
+at 50% and 2:4, on the embedded models.
 
     make bench-ptq                                      # = python scripts/bench_ptq.py (about 10 minutes)
     python scripts/bench_ptq.py --models tiny_lm --bits 2 3
@@ -28,11 +29,13 @@ from _results import RESULTS, ROOT, machine, now, write_section  # noqa: E402
 
 from rlx.config import compose_config  # noqa: E402
 from rlx.paths import cache_dir  # noqa: E402
-from rlx.tasks import run_quantize, run_training  # noqa: E402
+from rlx.tasks import run_prune, run_quantize, run_training  # noqa: E402
 
 HEADING = "## Post-training quantization (bench_ptq)"
 OUT = ROOT / "docs" / "results" / "bench_ptq.json"
 METHODS = ("rtn", "gptq", "baq")
+PRUNINGS = {"magnitude_50": ["method=magnitude", "sparsity=0.5"], "wanda_50": ["method=wanda", "sparsity=0.5"],
+            "magnitude_2:4": ["method=magnitude", "n_m=[2,4]"], "wanda_2:4": ["method=wanda", "n_m=[2,4]"]}
 MODELS = {
     "tiny_lm": ["data=shakespeare", "calib.max_length=256", "eval.samples=128", "eval.max_length=256",
                 "eval.batch_size=16"],
@@ -66,6 +69,14 @@ def run(model: str, method: str, bits: int) -> dict:
     return {"model": model, "method": method, "bits": bits, **{k: s[k] for k in keep if k in s}}
 
 
+def run_pruning(model: str, name: str) -> dict:
+    cfg = compose_config("prune", [f"checkpoint={checkpoint(model)}", *MODELS[model], *PRUNINGS[name], "progress=false"])
+    with tempfile.TemporaryDirectory() as tmp:
+        s = run_prune(cfg, Path(tmp))
+    keep = ("sparsity", "mean_relative_error", "prune_s", "eval/loss", "eval/perplexity", "eval/accuracy")
+    return {"model": model, "pruning": name, **{k: s[k] for k in keep if k in s}}
+
+
 def render(result: dict) -> str:
     rows = result["runs"]
     m = result["machine"]
@@ -85,6 +96,13 @@ def render(result: dict) -> str:
             lines.append(f"| {r['bits']} | {label} | {r[metric]:.4g} | {r['mean_relative_error']:.2e} | "
                          f"{r['average_bits']:.2f} | {r['packed_MB']:.2f} | {r['quantize_s']:.1f} |")
         lines.append("")
+        pruned = [r for r in result.get("pruning", []) if r["model"] == model]
+        if pruned:
+            lines += [f"`{model}` pruned ({metric}):", "", f"| pruning | {metric} | rel. error | sparsity | time s |",
+                      "|---|---:|---:|---:|---:|"]
+            lines += [f"| {r['pruning']} | {r[metric]:.4g} | {r['mean_relative_error']:.2e} | {r['sparsity']:.2f} | "
+                      f"{r['prune_s']:.1f} |" for r in pruned]
+            lines.append("")
     return "\n".join(lines).rstrip()
 
 
@@ -127,20 +145,33 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--bits", nargs="+", type=int, default=[2, 3, 4])
+    parser.add_argument("--prune-only", action="store_true", help="only the pruning rows")
     parser.add_argument("--report", action="store_true", help="only rewrite the table and plot from the JSON")
     args = parser.parse_args()
     if args.report:
         publish(json.loads(OUT.read_text()))
         return
-    runs = json.loads(OUT.read_text())["runs"] if OUT.exists() else []
+    earlier = json.loads(OUT.read_text()) if OUT.exists() else {}
+    runs, pruning = earlier.get("runs", []), earlier.get("pruning", [])
+    result = {**earlier, "runs": runs, "pruning": pruning}
     for model in args.models:
+        for name in PRUNINGS:
+            r = run_pruning(model, name)
+            print(f"{model} {name}: {METRIC[model]} {r[METRIC[model]]:.4g}", flush=True)
+            pruning = [x for x in pruning if (x["model"], x["pruning"]) != (model, name)] + [r]
+        result = {"command": " ".join(["python scripts/bench_ptq.py", *sys.argv[1:]]), "date": now(),
+                  "machine": machine(), "runs": runs, "pruning": pruning}
+        OUT.parent.mkdir(parents=True, exist_ok=True)
+        OUT.write_text(json.dumps(result, indent=1) + "\n")
+        if args.prune_only:
+            continue
         for method, bits in [("rtn", 16), *((m, b) for b in args.bits for m in METHODS)]:
             r = run(model, method, bits)
             print(f"{model} {method} {bits}: {METRIC[model]} {r[METRIC[model]]:.4g} "
                   f"error {r['mean_relative_error']:.2e}", flush=True)
             runs = [x for x in runs if (x["model"], x["method"], x["bits"]) != (model, method, bits)] + [r]
             result = {"command": " ".join(["python scripts/bench_ptq.py", *sys.argv[1:]]), "date": now(),
-                      "machine": machine(), "runs": runs}
+                      "machine": machine(), "runs": runs, "pruning": pruning}
             OUT.parent.mkdir(parents=True, exist_ok=True)
             OUT.write_text(json.dumps(result, indent=1) + "\n")
     publish(result)
