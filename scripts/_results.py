@@ -1,5 +1,5 @@
-"""Shared by the benchmark scripts: the machine description and in-place rewriting of one
-`## ` section of docs/RESULTS.md."""
+"""Shared by the benchmark scripts: the machine description, in-place rewriting of one `## `
+section of docs/RESULTS.md, and saving a figure under docs/."""
 from __future__ import annotations
 
 import contextlib
@@ -46,3 +46,18 @@ def write_section(path: Path, heading: str, section: str) -> None:
         lines += ["", *section.splitlines()]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines).rstrip("\n") + "\n")
+
+
+def publish(heading: str, section: str) -> None:
+    """Write `section` under `heading` in docs/RESULTS.md and print it."""
+    write_section(RESULTS, heading, section)
+    print(section)
+
+
+def save_figure(fig, name: str) -> None:
+    """docs/<name> at the resolution every benchmark plot uses; the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(ROOT / "docs" / name, dpi=120)
+    plt.close(fig)

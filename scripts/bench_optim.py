@@ -34,7 +34,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _results import RESULTS, ROOT, machine, now, write_section  # noqa: E402
+from _results import ROOT, machine, now, save_figure  # noqa: E402
+from _results import publish as write_results  # noqa: E402
 
 from rlx.config import compose_config  # noqa: E402
 from rlx.tasks import run_training  # noqa: E402
@@ -170,16 +171,12 @@ def plot(result: dict) -> None:
     ax.set_ylabel("validation perplexity")
     ax.set_title(f"model=tiny, {result['steps']} steps on shakespeare (squares: peer libraries)")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(ROOT / "docs" / "optim_pareto.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, "optim_pareto.png")
 
 
 def publish(result: dict) -> None:
-    section = render(result)
-    write_section(RESULTS, HEADING, section)
     plot(result)
-    print(section)
+    write_results(HEADING, render(result))
 
 
 def main() -> None:

@@ -25,7 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _results import RESULTS, ROOT, machine, now, write_section  # noqa: E402
+from _results import ROOT, machine, now, save_figure  # noqa: E402
+from _results import publish as write_results  # noqa: E402
 
 from rlx.config import compose_config  # noqa: E402
 from rlx.paths import cache_dir  # noqa: E402
@@ -129,16 +130,12 @@ def plot(result: dict) -> None:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(ROOT / "docs" / "ptq_bits.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, "ptq_bits.png")
 
 
 def publish(result: dict) -> None:
-    section = render(result)
-    write_section(RESULTS, HEADING, section)
     plot(result)
-    print(section)
+    write_results(HEADING, render(result))
 
 
 def main() -> None:

@@ -32,7 +32,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _results import RESULTS, ROOT, machine, now, write_section  # noqa: E402
+from _results import ROOT, machine, now, save_figure  # noqa: E402
+from _results import publish as write_results  # noqa: E402
 
 from rlx.config import build, compose_config  # noqa: E402
 from rlx.evaluate import evaluate  # noqa: E402
@@ -171,16 +172,12 @@ def plot(result: dict) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     axes[0].set_ylabel("training loss")
-    fig.tight_layout()
-    fig.savefig(ROOT / "docs" / "quant_train_loss.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, "quant_train_loss.png")
 
 
 def publish(result: dict) -> None:
-    section = render(result)
-    write_section(RESULTS, HEADING, section)
     plot(result)
-    print(section)
+    write_results(HEADING, render(result))
 
 
 def main() -> None:
