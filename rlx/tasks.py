@@ -110,7 +110,7 @@ def _compress(cfg: DictConfig, run_dir: Path, kind: str) -> dict:
     from rlx.evaluate import evaluate
     from rlx.models import hf
     from rlx.quant.prune import Magnitude, Wanda, prune_model
-    from rlx.quant.ptq import GPTQ, RTN, quantize_model
+    from rlx.quant.ptq import GPTQ, HQQ, RTN, quantize_model
     from rlx.state import find_checkpoint
 
     if cfg.calib.samples < 1:
@@ -119,7 +119,7 @@ def _compress(cfg: DictConfig, run_dir: Path, kind: str) -> dict:
     seed_everything(cfg.seed)
     t_start = time.perf_counter()
     method = build(cfg.method)
-    fits = {"quantize": (RTN, GPTQ), "prune": (Magnitude, Wanda)}
+    fits = {"quantize": (RTN, GPTQ, HQQ), "prune": (Magnitude, Wanda)}
     if not isinstance(method, fits[kind]):
         other = "prune" if kind == "quantize" else "quantize"
         raise RlxError(f"method {cfg.method._target_} is for rlx {other}, not rlx {kind}")

@@ -1,8 +1,9 @@
-"""Post-training compression: RTN, GPTQ and BAQ at 2, 3 and 4 bits, and magnitude and Wanda pruning
-at 50% and 2:4, on the embedded models.
+"""Post-training compression: RTN, GPTQ, BAQ and torchao's HQQ (the library peer) at 2, 3 and 4
+bits, and magnitude and Wanda pruning at 50% and 2:4, on the embedded models.
 
     make bench-ptq                                      # = python scripts/bench_ptq.py (about 10 minutes)
-    python scripts/bench_ptq.py --models tiny_lm --bits 2 3
+    python scripts/bench_ptq.py --models tiny_lm --bits 2 3 --methods gptq baq
+    python scripts/bench_ptq.py --methods                # pruning only
     python scripts/bench_ptq.py --report                # re-render the table and plot from the JSON
 
 Two models: `tiny_lm`, the default tiny model pretrained on Shakespeare for 1,000 steps (built
@@ -34,7 +35,7 @@ from rlx.tasks import run_prune, run_quantize, run_training  # noqa: E402
 
 HEADING = "## Post-training quantization (bench_ptq)"
 OUT = ROOT / "docs" / "results" / "bench_ptq.json"
-METHODS = ("rtn", "gptq", "baq")
+METHODS = ("rtn", "gptq", "baq", "hqq")
 PRUNINGS = {"magnitude_50": ["method=magnitude", "sparsity=0.5"], "wanda_50": ["method=wanda", "sparsity=0.5"],
             "magnitude_2:4": ["method=magnitude", "n_m=[2,4]"], "wanda_2:4": ["method=wanda", "n_m=[2,4]"]}
 MODELS = {
@@ -142,7 +143,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--bits", nargs="+", type=int, default=[2, 3, 4])
-    parser.add_argument("--prune-only", action="store_true", help="only the pruning rows")
+    parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS),
+                        help="quantization methods (none: pruning only); rtn adds the fp row")
+    parser.add_argument("--skip-prune", action="store_true", help="no pruning rows")
     parser.add_argument("--report", action="store_true", help="only rewrite the table and plot from the JSON")
     args = parser.parse_args()
     if args.report:
@@ -152,7 +155,7 @@ def main() -> None:
     runs, pruning = earlier.get("runs", []), earlier.get("pruning", [])
     result = {**earlier, "runs": runs, "pruning": pruning}
     for model in args.models:
-        for name in PRUNINGS:
+        for name in [] if args.skip_prune else PRUNINGS:
             r = run_pruning(model, name)
             print(f"{model} {name}: {METRIC[model]} {r[METRIC[model]]:.4g}", flush=True)
             pruning = [x for x in pruning if (x["model"], x["pruning"]) != (model, name)] + [r]
@@ -160,9 +163,8 @@ def main() -> None:
                   "machine": machine(), "runs": runs, "pruning": pruning}
         OUT.parent.mkdir(parents=True, exist_ok=True)
         OUT.write_text(json.dumps(result, indent=1) + "\n")
-        if args.prune_only:
-            continue
-        for method, bits in [("rtn", 16), *((m, b) for b in args.bits for m in METHODS)]:
+        fp = [("rtn", 16)] if "rtn" in args.methods else []
+        for method, bits in [*fp, *((m, b) for b in args.bits for m in args.methods)]:
             r = run(model, method, bits)
             print(f"{model} {method} {bits}: {METRIC[model]} {r[METRIC[model]]:.4g} "
                   f"error {r['mean_relative_error']:.2e}", flush=True)

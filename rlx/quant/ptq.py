@@ -7,7 +7,7 @@ the linear layers inside one block share one pass). Then every attention/MLP lin
 block is replaced by its quantized weights. Embeddings and the LM head stay as they are.
 
 Methods (`conf/method/`): `rtn` (round-to-nearest), `gptq`, `baq` (GPTQ with BAQ's per-column
-bit-widths at the same average). Each reports, per layer, its bits and the relative output error
+bit-widths at the same average), `hqq` (torchao's HQQ, calibration-free: the peer library). Each reports, per layer, its bits and the relative output error
 ‖(W − Q) X‖² / ‖W X‖² on the calibration inputs.
 """
 from __future__ import annotations
@@ -45,6 +45,28 @@ class BAQ(GPTQ):
     def __call__(self, w, h, bits, group_size, symmetric):
         col_bits = baq_bits(h, bits, self.min_bits, self.max_bits, self.damp)
         return super().__call__(w, h, col_bits, group_size, symmetric)[0], col_bits
+
+
+class HQQ:
+    """HQQ (Badri & Shaji, 2023) through torchao's implementation: a half-quadratic solver fits each
+    row's (or group's) scale and zero point to the weights alone; the calibration data only measure
+    its error. The grid is asymmetric by construction."""
+
+    def __init__(self, optimize: bool = True):
+        self.optimize = optimize
+
+    def __call__(self, w, h, bits, group_size, symmetric):
+        from torchao.quantization import quant_primitives
+
+        if symmetric:
+            raise RlxError("method=hqq fits an asymmetric grid: symmetric=true does not apply")
+        # torchao keeps HQQ under a private name since 0.12 (public before)
+        hqq = getattr(quant_primitives, "_choose_qparams_and_quantize_affine_hqq", None) or \
+            quant_primitives.choose_qparams_and_quantize_affine_hqq
+        q, scale, zero, shape = hqq(w, nbits=bits, group_size=group_size if group_size > 0 else w.shape[1], axis=1,
+                                    optimize=self.optimize, compute_dtype=torch.float32, device=str(w.device),
+                                    raw_output=True)  # HQQ's own layout: w = (q - zero) * scale per group
+        return ((q.float() - zero) * scale).reshape(shape), torch.full((w.shape[1],), bits)
 
 
 def decoder_blocks(model: nn.Module) -> nn.ModuleList:

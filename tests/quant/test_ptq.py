@@ -21,7 +21,7 @@ def quantize(tmp_path, *overrides):
     return run_quantize(compose_config("quantize", [*SMALL, *overrides]), tmp_path)
 
 
-@pytest.mark.parametrize("method", ["rtn", "gptq", "baq"])
+@pytest.mark.parametrize("method", ["rtn", "gptq", "baq", "hqq"])
 def test_every_layer_is_on_its_grid_and_the_rest_untouched(method, tmp_path):
     summary = quantize(tmp_path, f"method={method}", "bits=2")
     before = build(compose_config("quantize", SMALL).model).model.state_dict()
@@ -44,6 +44,20 @@ def test_every_layer_is_on_its_grid_and_the_rest_untouched(method, tmp_path):
 def test_gptq_and_baq_leave_less_output_error_than_rtn(tmp_path):
     errors = {m: quantize(tmp_path / m, f"method={m}", "bits=3")["mean_relative_error"] for m in ("rtn", "gptq", "baq")}
     assert errors["baq"] < errors["gptq"] < errors["rtn"]
+
+
+def test_hqq_fits_the_weights_closer_than_round_to_nearest():
+    """HQQ optimizes the grid for the weights themselves (no data): its weight error is below RTN's."""
+    from rlx.quant.gptq import rtn
+    from rlx.quant.ptq import HQQ
+
+    w = torch.randn(32, 64, generator=torch.Generator().manual_seed(0))
+    for bits in (2, 3, 4):
+        q, _ = HQQ()(w, None, bits, 0, False)
+        assert (q - w).norm() < (rtn(w, bits) - w).norm()
+        assert max(len(row.unique()) for row in q) <= 2**bits
+    with pytest.raises(RlxError, match="asymmetric"):
+        HQQ()(w, None, 3, 0, True)
 
 
 def test_eight_bits_is_near_lossless(tmp_path):
