@@ -23,23 +23,23 @@ def _groups(params, density: float, rank: int | None, update_gap: int, scale: fl
     return groups
 
 
-def galore_torch_adamw(params, lr: float, betas=(0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.0,
-                       density: float = 0.25, rank: int | None = None, update_gap: int = 200, scale: float = 0.25):
+def _peer(cls, scale_key: str, params, lr: float, betas=(0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.0,
+          density: float = 0.25, rank: int | None = None, update_gap: int = 200, scale: float = 0.25):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # both subclass a deprecated copy of transformers' AdamW
+        return cls(_groups(params, density, rank, update_gap, scale, scale_key), lr=lr, betas=tuple(betas), eps=eps,
+                   weight_decay=weight_decay)
+
+
+def galore_torch_adamw(params, **options):
     """galore-torch's GaLoreAdamW (the GaLore authors' package)."""
     from galore_torch import GaLoreAdamW
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        return GaLoreAdamW(_groups(params, density, rank, update_gap, scale, "scale"), lr=lr, betas=tuple(betas), eps=eps,
-                           weight_decay=weight_decay)
+    return _peer(GaLoreAdamW, "scale", params, **options)
 
 
-def fira_package_adamw(params, lr: float, betas=(0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.0,
-                       density: float = 0.25, rank: int | None = None, update_gap: int = 200, scale: float = 0.25):
+def fira_package_adamw(params, **options):
     """The `fira` package's FiraAdamW (the Fira authors' code; its residual is G - alpha*P*R)."""
     from fira import FiraAdamW
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        return FiraAdamW(_groups(params, density, rank, update_gap, scale, "alpha"), lr=lr, betas=tuple(betas), eps=eps,
-                         weight_decay=weight_decay)
+    return _peer(FiraAdamW, "alpha", params, **options)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import os
 import platform
+import sys
 from pathlib import Path
 
 import torch
@@ -61,3 +63,13 @@ def save_figure(fig, name: str) -> None:
     fig.tight_layout()
     fig.savefig(ROOT / "docs" / name, dpi=120)
     plt.close(fig)
+
+
+def record(path: Path, **fields) -> dict:
+    """Write a benchmark's results to `path` with the command, date and machine that produced them
+    (after every run, so nothing is lost if the benchmark is stopped); returns what was written."""
+    result = {"command": " ".join(["python", os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]]), "date": now(),
+              "machine": machine(), **fields}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    return result

@@ -34,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _results import ROOT, machine, now, save_figure  # noqa: E402
+from _results import ROOT, record, save_figure  # noqa: E402
 from _results import publish as write_results  # noqa: E402
 
 from rlx.config import compose_config  # noqa: E402
@@ -197,10 +197,7 @@ def main() -> None:
               f"state {r['memory/optimizer_MB']:.2f} MB peak {r['memory/step_peak_MB']:.1f} MB "
               f"{r['step_s']:.3f} s/step", flush=True)
         runs = [x for x in runs if x["name"] != name] + [r]
-        result = {"steps": args.steps, "command": " ".join(["python scripts/bench_optim.py", *sys.argv[1:]]),
-                  "date": now(), "machine": machine(), "runs": sorted(runs, key=lambda x: list(RUNS).index(x["name"]))}
-        OUT.parent.mkdir(parents=True, exist_ok=True)
-        OUT.write_text(json.dumps(result, indent=1) + "\n")
+        result = record(OUT, steps=args.steps, runs=sorted(runs, key=lambda x: list(RUNS).index(x["name"])))
     publish(result)
 
 

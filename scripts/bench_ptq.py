@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _results import ROOT, machine, now, save_figure  # noqa: E402
+from _results import ROOT, record, save_figure  # noqa: E402
 from _results import publish as write_results  # noqa: E402
 
 from rlx.config import compose_config  # noqa: E402
@@ -159,20 +159,14 @@ def main() -> None:
             r = run_pruning(model, name)
             print(f"{model} {name}: {METRIC[model]} {r[METRIC[model]]:.4g}", flush=True)
             pruning = [x for x in pruning if (x["model"], x["pruning"]) != (model, name)] + [r]
-        result = {"command": " ".join(["python scripts/bench_ptq.py", *sys.argv[1:]]), "date": now(),
-                  "machine": machine(), "runs": runs, "pruning": pruning}
-        OUT.parent.mkdir(parents=True, exist_ok=True)
-        OUT.write_text(json.dumps(result, indent=1) + "\n")
+        result = record(OUT, runs=runs, pruning=pruning)
         fp = [("rtn", 16)] if "rtn" in args.methods else []
         for method, bits in [*fp, *((m, b) for b in args.bits for m in args.methods)]:
             r = run(model, method, bits)
             print(f"{model} {method} {bits}: {METRIC[model]} {r[METRIC[model]]:.4g} "
                   f"error {r['mean_relative_error']:.2e}", flush=True)
             runs = [x for x in runs if (x["model"], x["method"], x["bits"]) != (model, method, bits)] + [r]
-            result = {"command": " ".join(["python scripts/bench_ptq.py", *sys.argv[1:]]), "date": now(),
-                      "machine": machine(), "runs": runs, "pruning": pruning}
-            OUT.parent.mkdir(parents=True, exist_ok=True)
-            OUT.write_text(json.dumps(result, indent=1) + "\n")
+            result = record(OUT, runs=runs, pruning=pruning)
     publish(result)
 
 

@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _results import ROOT, machine, now, save_figure  # noqa: E402
+from _results import ROOT, record, save_figure  # noqa: E402
 from _results import publish as write_results  # noqa: E402
 
 from rlx.config import build, compose_config  # noqa: E402
@@ -197,10 +197,7 @@ def main() -> None:
         print(f"{name}: val loss {r['val_loss']:.4f}, held {r.get('memory/held_MB', 0):.2f} MB "
               f"({r['wall_s']:.0f} s)", flush=True)
         runs = [x for x in runs if x["name"] != name] + [r]
-        result = {"date": now(), "machine": machine(), "steps": args.steps, "runs": runs,
-                  "command": " ".join(["python scripts/bench_quant_train.py", *sys.argv[1:]])}
-        OUT.parent.mkdir(parents=True, exist_ok=True)
-        OUT.write_text(json.dumps(result, indent=2) + "\n")  # after every run: nothing lost if stopped
+        result = record(OUT, steps=args.steps, runs=runs)
     publish(result)
 
 

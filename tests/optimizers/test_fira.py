@@ -89,28 +89,21 @@ def steps_with(optimizer, w, n=7):
     return w.detach()
 
 
-def test_galore_matches_galore_torch():
-    galore_torch = pytest.importorskip("galore_torch")
+@pytest.mark.parametrize("package, cls, scale_key, rule", [
+    ("galore_torch", "GaLoreAdamW", "scale", "none"),  # GaLore, its update scaled by 0.25
+    # the fira package forms the residual as G - alpha*P*R; at alpha = 1 that is the paper's G - P*R
+    ("fira", "FiraAdamW", "alpha", "fira"),
+])
+def test_matches_the_reference_package(package, cls, scale_key, rule):
+    peer_cls = getattr(pytest.importorskip(package), cls)
+    scale = 0.25 if rule == "none" else 1.0
     ours, ref = one_matrix(), one_matrix()
     opt = GradientSplitting([("mlp.w", ours)], lr=1e-2, betas=(0.9, 0.999), eps=1e-10, projector="svd", rank=8,
-                            update_gap=3, state_free="none", scale=0.25, reset_on_refresh=False)
+                            update_gap=3, state_free=rule, scale=scale, reset_on_refresh=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        peer = galore_torch.GaLoreAdamW([{"params": [ref], "rank": 8, "update_proj_gap": 3, "scale": 0.25,
-                                          "proj_type": "std"}], lr=1e-2, eps=1e-10)
-    torch.testing.assert_close(steps_with(opt, ours), steps_with(peer, ref), rtol=1e-5, atol=1e-6)
-
-
-def test_fira_matches_the_fira_package():
-    """The package forms the residual as G - alpha*P*R; at alpha = 1 that is the paper's G - P*R."""
-    fira = pytest.importorskip("fira")
-    ours, ref = one_matrix(), one_matrix()
-    opt = GradientSplitting([("mlp.w", ours)], lr=1e-2, betas=(0.9, 0.999), eps=1e-10, projector="svd", rank=8,
-                            update_gap=3, state_free="fira", scale=1.0, reset_on_refresh=False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        peer = fira.FiraAdamW([{"params": [ref], "rank": 8, "update_proj_gap": 3, "alpha": 1.0,
-                                "proj_type": "std"}], lr=1e-2, eps=1e-10)
+        peer = peer_cls([{"params": [ref], "rank": 8, "update_proj_gap": 3, scale_key: scale, "proj_type": "std"}],
+                        lr=1e-2, eps=1e-10)
     torch.testing.assert_close(steps_with(opt, ours), steps_with(peer, ref), rtol=1e-5, atol=1e-6)
 
 
