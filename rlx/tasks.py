@@ -107,8 +107,9 @@ def _compress(cfg: DictConfig, run_dir: Path, kind: str) -> dict:
     import json
 
     from rlx.data.collate import lm_batch
-    from rlx.evaluate import evaluate
+    from rlx.evaluate import evaluate, perplexity
     from rlx.models import hf
+    from rlx.quant.dpruner import DPruner
     from rlx.quant.prune import Magnitude, Wanda, prune_model
     from rlx.quant.ptq import GPTQ, HQQ, RTN, quantize_model
     from rlx.state import find_checkpoint
@@ -119,29 +120,39 @@ def _compress(cfg: DictConfig, run_dir: Path, kind: str) -> dict:
     seed_everything(cfg.seed)
     t_start = time.perf_counter()
     method = build(cfg.method)
-    fits = {"quantize": (RTN, GPTQ, HQQ), "prune": (Magnitude, Wanda)}
+    fits = {"quantize": (RTN, GPTQ, HQQ), "prune": (Magnitude, Wanda, DPruner)}
     if not isinstance(method, fits[kind]):
         other = "prune" if kind == "quantize" else "quantize"
         raise RlxError(f"method {cfg.method._target_} is for rlx {other}, not rlx {kind}")
     policy = hf(str(find_checkpoint(cfg.checkpoint)), dtype="float32", device="auto") if cfg.checkpoint \
         else build(cfg.model)
     task = build(cfg.data)
-    examples = task.split("train")[: cfg.calib.samples]
-    if not examples:
-        raise RlxError(f"{cfg.data._target_} has no training examples to calibrate on")
+    general = _general_task(cfg.calib.get("general"))
+    if getattr(method, "needs_general", False) and general is None:
+        raise RlxError("method=dpruner needs an open-domain calibration set besides the domain task: add "
+                       "calib.general=shakespeare (any option of the data group)")
     device = policy.model.device
-    batches = [{k: v.to(device) for k, v in lm_batch(examples[i:i + cfg.calib.batch_size], policy.tokenizer,
-                                                      cfg.calib.max_length).items()}
-               for i in range(0, len(examples), cfg.calib.batch_size)]
+
+    def batches_of(source, name: str) -> list[dict]:
+        examples = source.split("train")[: cfg.calib.samples]
+        if not examples:
+            raise RlxError(f"{name} has no training examples to calibrate on")
+        return [{k: v.to(device) for k, v in lm_batch(examples[i:i + cfg.calib.batch_size], policy.tokenizer,
+                                                       cfg.calib.max_length).items()}
+                for i in range(0, len(examples), cfg.calib.batch_size)]
+
+    batches = batches_of(task, cfg.data._target_)
     policy.model.eval()
     if kind == "quantize":
-        report = quantize_model(policy.model, method, batches, cfg.bits, cfg.group_size, cfg.symmetric, cfg.progress)
+        report, codes = quantize_model(policy.model, method, batches, cfg.bits, cfg.group_size, cfg.symmetric,
+                                       cfg.progress)
         report = {"method": cfg.method._target_, "bits": cfg.bits, "group_size": cfg.group_size,
                   "symmetric": cfg.symmetric, **report}
         head = {"average_bits": report["average_bits"], "packed_MB": report["packed_MB"]}
     else:
         n_m = tuple(cfg.n_m) if cfg.n_m is not None else None
-        report = prune_model(policy.model, method, batches, cfg.sparsity, n_m, cfg.progress)
+        report = prune_model(policy.model, method, batches, cfg.sparsity, n_m, cfg.progress,
+                             general=batches_of(general, cfg.calib.general) if general is not None else None)
         report = {"method": cfg.method._target_, "requested_sparsity": cfg.sparsity, "n_m": cfg.n_m and list(n_m),
                   **report}
         head = {"sparsity": report["sparsity"]}
@@ -149,17 +160,39 @@ def _compress(cfg: DictConfig, run_dir: Path, kind: str) -> dict:
     policy.model.save_pretrained(out)
     policy.tokenizer.save_pretrained(out)
     (out / ("quantization.json" if kind == "quantize" else "pruning.json")).write_text(json.dumps(report, indent=1) + "\n")
+    if kind == "quantize":  # the integer form beside the dequantized checkpoint
+        from safetensors.torch import save_file
+
+        save_file({k: t.contiguous() for k, t in codes.items()}, str(out / "quantization.safetensors"),
+                  metadata={"decode": "weight[:, j] = scale[:, grid[j]] * (codes[:, j] - zero[:, grid[j]])"})
     summary = {"model_dir": str(out), **head, "mean_relative_error": report["mean_relative_error"],
                f"{kind}_s": report["time_s"]}
     if cfg.eval.samples:
         summary.update(evaluate(policy.model, policy.tokenizer, task, cfg.eval.split, cfg.eval.samples,
                                 cfg.eval.batch_size, cfg.eval.max_new_tokens, cfg.eval.max_length))
+        if general is not None:  # what the compression cost the model outside the task
+            held_out = general.split(cfg.eval.split)[: cfg.eval.samples]
+            summary.update({k.replace("eval/", "general/"): v for k, v in perplexity(
+                policy.model, policy.tokenizer, held_out, cfg.eval.batch_size, cfg.eval.max_length).items()})
     summary["wall_time_s"] = time.perf_counter() - t_start
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
         summary = {"overrides": HydraConfig.get().job.override_dirname, **summary}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     print_summary(summary, title=f"rlx {kind}")
     return summary
+
+
+def _general_task(name: str | None):
+    """The open-domain calibration set `calib.general` names: an option of the data group."""
+    from omegaconf import OmegaConf
+
+    from rlx.config import group_options
+
+    if name is None:
+        return None
+    if name not in group_options("data"):
+        raise RlxError(f"calib.general={name} is not a data config; options: {', '.join(group_options('data'))}")
+    return build(OmegaConf.load(CONF_DIR / "data" / f"{name}.yaml"))
 
 
 def _compression_task(run, cfg: DictConfig) -> float:

@@ -49,11 +49,39 @@ class Grid:
         zero = torch.full_like(scale, (maxq + 1) / 2) if symmetric else torch.round(-lo / scale)
         return cls(scale, zero, maxq)
 
+    def _params(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return (self.scale, self.zero) if x.ndim == 1 else (self.scale[:, None], self.zero[:, None])
+
+    def encode(self, x: Tensor) -> Tensor:
+        """The integer codes (as floats) of a column (one value per row) or a block of columns."""
+        scale, zero = self._params(x)
+        return torch.clamp(torch.round(x / scale) + zero, 0, self.maxq)
+
     def __call__(self, x: Tensor) -> Tensor:
-        """Quantize and dequantize a column (one value per row) or a block of columns."""
-        scale, zero = (self.scale, self.zero) if x.ndim == 1 else (self.scale[:, None], self.zero[:, None])
-        q = torch.clamp(torch.round(x / scale) + zero, 0, self.maxq)
-        return scale * (q - zero)
+        """Quantize and dequantize a column or a block of columns."""
+        scale, zero = self._params(x)
+        return scale * (self.encode(x) - zero)
+
+
+@dataclass
+class Codes:
+    """A quantized layer as integers: column j decodes as scale[:, g] · (codes[:, j] − zero[:, g])
+    with g = grid[j], the grid (one scale and zero point per row) that column was rounded on."""
+
+    codes: Tensor  # (rows, columns), 0 .. 2^bits − 1
+    scale: Tensor  # (rows, grids)
+    zero: Tensor  # (rows, grids)
+    grid: Tensor  # (columns,)
+    bits: Tensor  # (columns,)
+
+    def decode(self) -> Tensor:
+        return self.scale[:, self.grid] * (self.codes.float() - self.zero[:, self.grid])
+
+    def compact(self) -> dict[str, Tensor]:
+        """The tensors to store: codes in the narrowest integer type that holds them."""
+        dtype = torch.uint8 if int(self.bits.max()) <= 8 else torch.int32
+        return {"codes": self.codes.to(dtype), "scale": self.scale.float(), "zero": self.zero.float(),
+                "grid": self.grid.to(torch.int32), "bits": self.bits.to(torch.uint8)}
 
 
 def column_bits(bits, columns: int) -> Tensor:
@@ -67,18 +95,20 @@ def column_bits(bits, columns: int) -> Tensor:
     return b
 
 
-def rtn(w: Tensor, bits: int, group_size: int = 0, symmetric: bool = False) -> Tensor:
+def rtn(w: Tensor, bits: int, group_size: int = 0, symmetric: bool = False) -> Codes:
     """Round-to-nearest on the per-row (or per-group) grid: the floor every method must beat."""
     w = w.float()
     step = group_size if group_size > 0 else w.shape[1]
-    blocks = [w[:, s:s + step] for s in range(0, w.shape[1], step)]
-    return torch.cat([Grid.fit(b, bits, symmetric)(b) for b in blocks], dim=1)
+    grids = [Grid.fit(w[:, s:s + step], bits, symmetric) for s in range(0, w.shape[1], step)]
+    codes = torch.cat([g.encode(w[:, i * step:(i + 1) * step]) for i, g in enumerate(grids)], dim=1)
+    return Codes(codes, torch.stack([g.scale for g in grids], 1), torch.stack([g.zero for g in grids], 1),
+                 torch.arange(w.shape[1]) // step, torch.full((w.shape[1],), bits))
 
 
 def gptq(w: Tensor, h: Tensor, bits, group_size: int = 0, symmetric: bool = False, damp: float = 0.01,
-         act_order: bool = False, block_size: int = 128) -> Tensor:
+         act_order: bool = False, block_size: int = 128) -> Codes:
     """GPTQ of `w` (out × in) given H = Σ x xᵀ over the calibration inputs (in × in); returns the
-    dequantized weights, in `w`'s column order."""
+    codes, in `w`'s column order (`.decode()` gives the weights)."""
     w, h = w.float().clone(), h.float().clone()
     columns = w.shape[1]
     col_bits = column_bits(bits, columns)
@@ -92,9 +122,10 @@ def gptq(w: Tensor, h: Tensor, bits, group_size: int = 0, symmetric: bool = Fals
 
     # Without groups each row's grid spans the row as it was; with groups, the group's columns as
     # they stand when it is reached (columns inside the current block: as the block began, as GPTQ does).
-    grids: dict[int, Grid] = {}
+    grids: dict[int, int] = {}  # bits -> index into `made`, for the current group
+    made: list[Grid] = []
     source = w.clone()
-    q = torch.zeros_like(w)
+    codes, grid_of = torch.zeros_like(w), torch.zeros(columns, dtype=torch.long)
     for i1 in range(0, columns, block_size):
         i2 = min(i1 + block_size, columns)
         block, errors = w[:, i1:i2].clone(), torch.zeros(w.shape[0], i2 - i1)
@@ -103,10 +134,14 @@ def gptq(w: Tensor, h: Tensor, bits, group_size: int = 0, symmetric: bool = Fals
             if group_size > 0 and j % group_size == 0:
                 grids, source = {}, w[:, j:j + group_size].clone()
             if b not in grids:
-                grids[b] = Grid.fit(source, b, symmetric)
-            q[:, j] = grids[b](block[:, i])
-            err = (block[:, i] - q[:, j]) / u[j, j]
+                grids[b] = len(made)
+                made.append(Grid.fit(source, b, symmetric))
+            grid = made[grids[b]]
+            codes[:, j], grid_of[j] = grid.encode(block[:, i]), grids[b]
+            err = (block[:, i] - grid.scale * (codes[:, j] - grid.zero)) / u[j, j]
             block[:, i:] -= err.unsqueeze(1) * u[j, j:i2].unsqueeze(0)
             errors[:, i] = err
         w[:, i2:] -= errors @ u[i1:i2, i2:]
-    return q[:, torch.argsort(order)]
+    back = torch.argsort(order)
+    return Codes(codes[:, back], torch.stack([g.scale for g in made], 1), torch.stack([g.zero for g in made], 1),
+                 grid_of[back], col_bits[back])

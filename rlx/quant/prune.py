@@ -3,6 +3,9 @@
 * `magnitude`: drop the weights of smallest |W_ij| across the layer.
 * `wanda` (Sun et al., 2024): score |W_ij| · ‖X_j‖ (the input feature's norm over the calibration
   tokens, √H_jj) and drop the lowest within each output row, the comparison group the paper uses.
+* `dpruner` (`rlx/quant/dpruner.py`): scores every layer from the whole model first (general
+  importance on an open-domain set, then a regularized domain fine-tune), then drops the lowest
+  score within each layer.
 
 `n_m=[2,4]` keeps the N highest scores in every group of M consecutive input columns of a row
 (2:4, the pattern sparse tensor cores run) instead of a plain share. The requested sparsity is met
@@ -45,17 +48,22 @@ class Wanda:
         return keep_mask(w.abs() * torch.diag(h).clamp_min(0).sqrt()[None, :], sparsity, per_row=True, n_m=n_m)
 
 
-def prune_model(model, method, batches: list[dict], sparsity: float, n_m=None, progress: bool = True) -> dict:
-    """Prune `model` in place, block by block; returns the report (per-layer sparsity and error, time)."""
+def prune_model(model, method, batches: list[dict], sparsity: float, n_m=None, progress: bool = True,
+                general: list[dict] | None = None) -> dict:
+    """Prune `model` in place, block by block; returns the report (per-layer sparsity and error, time).
+    A method with `scores(model, general, domain)` (D-Pruner) scores the whole model first, on the
+    open-domain `general` batches and the domain `batches`."""
     import time
 
     from rlx.quant.ptq import calibrated_layers, relative_error
 
     t0 = time.perf_counter()
+    scores = method.scores(model, general, batches, progress) if hasattr(method, "scores") else None
     layers, zeros, total = {}, 0, 0
     for name, layer, h in calibrated_layers(model, batches, progress, "prune"):
         w = layer.weight.data.float()
-        pruned = w * method(w, h, sparsity, n_m)
+        keep = keep_mask(scores[name], sparsity, per_row=False, n_m=n_m) if scores else method(w, h, sparsity, n_m)
+        pruned = w * keep
         layers[name] = {"sparsity": (pruned == 0).float().mean().item(), "relative_error": relative_error(w, pruned, h)}
         layer.weight.data.copy_(pruned.to(layer.weight.dtype))
         zeros += int((pruned == 0).sum())

@@ -4,7 +4,9 @@ For each block in order, calibration batches run through the model up to that bl
 stops there), with the blocks before it already quantized, so each layer's Hessian H = Σ x xᵀ is
 taken over the inputs it will see after quantization (GPTQ's sequential scheme, block by block:
 the linear layers inside one block share one pass). Then every attention/MLP linear layer of the
-block is replaced by its quantized weights. Embeddings and the LM head stay as they are.
+block is replaced by its quantized weights. Embeddings and the LM head stay as they are. Every
+method returns integer codes on per-row grids (`rlx.quant.gptq.Codes`): the model gets their
+decoded weights, and the codes go to a sidecar.
 
 Methods (`conf/method/`): `rtn` (round-to-nearest), `gptq`, `baq` (GPTQ with BAQ's per-column
 bit-widths at the same average), `hqq` (torchao's HQQ, calibration-free: the peer library). Each reports, per layer, its bits and the relative output error
@@ -20,12 +22,12 @@ from torch import Tensor, nn
 from rlx.errors import RlxError
 from rlx.lowrank import target_layers
 from rlx.quant.baq import baq_bits
-from rlx.quant.gptq import gptq, rtn
+from rlx.quant.gptq import Codes, gptq, rtn
 
 
 class RTN:
-    def __call__(self, w: Tensor, h: Tensor, bits: int, group_size: int, symmetric: bool) -> tuple[Tensor, Tensor]:
-        return rtn(w, bits, group_size, symmetric), torch.full((w.shape[1],), bits)
+    def __call__(self, w: Tensor, h: Tensor, bits: int, group_size: int, symmetric: bool) -> Codes:
+        return rtn(w, bits, group_size, symmetric)
 
 
 class GPTQ:
@@ -33,8 +35,7 @@ class GPTQ:
         self.damp, self.act_order, self.block_size = damp, act_order, block_size
 
     def __call__(self, w, h, bits, group_size, symmetric):
-        q = gptq(w, h, bits, group_size, symmetric, self.damp, self.act_order, self.block_size)
-        return q, torch.as_tensor(bits).expand(w.shape[1])
+        return gptq(w, h, bits, group_size, symmetric, self.damp, self.act_order, self.block_size)
 
 
 class BAQ(GPTQ):
@@ -43,8 +44,7 @@ class BAQ(GPTQ):
         self.min_bits, self.max_bits = min_bits, max_bits
 
     def __call__(self, w, h, bits, group_size, symmetric):
-        col_bits = baq_bits(h, bits, self.min_bits, self.max_bits, self.damp)
-        return super().__call__(w, h, col_bits, group_size, symmetric)[0], col_bits
+        return super().__call__(w, h, baq_bits(h, bits, self.min_bits, self.max_bits, self.damp), group_size, symmetric)
 
 
 class HQQ:
@@ -63,10 +63,13 @@ class HQQ:
         # torchao keeps HQQ under a private name since 0.12 (public before)
         hqq = getattr(quant_primitives, "_choose_qparams_and_quantize_affine_hqq", None) or \
             quant_primitives.choose_qparams_and_quantize_affine_hqq
-        q, scale, zero, shape = hqq(w, nbits=bits, group_size=group_size if group_size > 0 else w.shape[1], axis=1,
-                                    optimize=self.optimize, compute_dtype=torch.float32, device=str(w.device),
-                                    raw_output=True)  # HQQ's own layout: w = (q - zero) * scale per group
-        return ((q.float() - zero) * scale).reshape(shape), torch.full((w.shape[1],), bits)
+        size = group_size if group_size > 0 else w.shape[1]
+        q, scale, zero, _ = hqq(w, nbits=bits, group_size=size, axis=1, optimize=self.optimize,
+                                compute_dtype=torch.float32, device=str(w.device),
+                                raw_output=True)  # HQQ's own layout: w = (q - zero) * scale per group, row-major
+        rows, cols = w.shape
+        return Codes(q.reshape(rows, cols).float(), scale.reshape(rows, -1).float(), zero.reshape(rows, -1).float(),
+                     torch.arange(cols) // size, torch.full((cols,), bits))
 
 
 def decoder_blocks(model: nn.Module) -> nn.ModuleList:
@@ -130,13 +133,16 @@ def relative_error(w: Tensor, new: Tensor, h: Tensor) -> float:
 
 
 def quantize_model(model: nn.Module, method, batches: list[dict], bits: float, group_size: int = 0,
-                   symmetric: bool = False, progress: bool = True) -> dict:
-    """Quantize `model` in place; returns the report (per-layer bits and errors, averages, time)."""
+                   symmetric: bool = False, progress: bool = True) -> tuple[dict, dict[str, Tensor]]:
+    """Quantize `model` in place; returns the report (per-layer bits and errors, averages, time) and
+    every layer's codes, scales, zero points, grid index per column and bits (`Codes.compact`)."""
     t0 = time.perf_counter()
-    layers_report, total_bits, total_weights, packed_bytes, quantized = {}, 0.0, 0, 0.0, set()
+    layers_report, total_bits, total_weights, packed_bytes, quantized, stored = {}, 0.0, 0, 0.0, set(), {}
     for name, layer, h in calibrated_layers(model, batches, progress, "quantize"):
         w = layer.weight.data.float()
-        q, col_bits = method(w, h, bits, group_size, symmetric)
+        codes = method(w, h, bits, group_size, symmetric)
+        q, col_bits = codes.decode(), codes.bits
+        stored.update({f"{name}.{k}": t for k, t in codes.compact().items()})
         error = relative_error(w, q, h)
         layer.weight.data.copy_(q.to(layer.weight.dtype))
         quantized.add(id(layer.weight))
@@ -145,12 +151,11 @@ def quantize_model(model: nn.Module, method, batches: list[dict], bits: float, g
                                "max_bits": col_bits.max().item(), "relative_error": error}
         total_bits += col_bits.sum().item() * w.shape[0]
         total_weights += w.numel()
-        grids = w.shape[0] * (-(-w.shape[1] // group_size) if group_size > 0 else 1) * len(col_bits.unique())
-        packed_bytes += col_bits.sum().item() * w.shape[0] / 8 + grids * 4  # fp16 scale and zero per grid
+        packed_bytes += col_bits.sum().item() * w.shape[0] / 8 + codes.scale.numel() * 4  # fp16 scale and zero per grid
     errors = [r["relative_error"] for r in layers_report.values()]
     other = sum(p.numel() for p in model.parameters() if id(p) not in quantized)
     return {"average_bits": total_bits / max(total_weights, 1), "quantized_weights": total_weights,
             # the size stored at these bits with fp16 grid parameters, the other weights in 16 bits
             "packed_MB": (packed_bytes + 2 * other) / 2**20,
             "mean_relative_error": sum(errors) / max(len(errors), 1), "time_s": time.perf_counter() - t0,
-            "layers": layers_report}
+            "layers": layers_report}, stored
