@@ -9,7 +9,7 @@ bits, and magnitude and Wanda pruning at 50% and 2:4, on the embedded models.
 Three models: `tiny_lm`, the default tiny model pretrained on Shakespeare for 1,000 steps (built
 here once and cached), scored by validation perplexity on held-out text; `tiny_sft`, the SFT
 base (`make base`), scored by greedy accuracy on the reasoning task; and `smollm2`, the packaged
-SmolLM2-135M-Instruct, calibrated on 32 Shakespeare chunks and scored by perplexity on 64 held-out
+SmolLM2-135M-Instruct, calibrated on 16 Shakespeare chunks and scored by perplexity on 64 held-out
 ones. The tiny models calibrate on 128 training examples of their own data. Every attention/MLP
 linear layer is quantized per output row (no groups). Reported: the evaluation, the mean relative output error of the
 layers on the calibration inputs, the achieved average bits, the packed size and the time.
@@ -44,7 +44,7 @@ MODELS = {
                 "eval.batch_size=16"],
     "tiny_sft": ["data=reasoning", "eval.samples=256"],
     # the packaged pretrained model: its own text is not at hand, so it calibrates on and is scored by Shakespeare
-    "smollm2": ["data=shakespeare", "calib.samples=32", "calib.batch_size=8", "calib.max_length=256",
+    "smollm2": ["data=shakespeare", "calib.samples=16", "calib.batch_size=8", "calib.max_length=256",
                 "eval.samples=64", "eval.batch_size=16", "eval.max_length=256"],
 }
 METRIC = {"tiny_lm": "eval/perplexity", "tiny_sft": "eval/accuracy", "smollm2": "eval/perplexity"}
@@ -91,7 +91,7 @@ def render(result: dict) -> str:
     m = result["machine"]
     lines = [HEADING, "",
              f"`make bench-ptq` (`{result['command']}`) on {m['cpu']} ({m['cpu_count']} cores), {result['date']}. "
-             "Per-row grids; 128 calibration examples (SmolLM2: 32 Shakespeare chunks); `fp` is the model before "
+             "Per-row grids; 128 calibration examples (SmolLM2: 16 Shakespeare chunks); `fp` is the model before "
              "quantization (RTN at 16 bits). "
              "Relative error: mean over layers of ‖(W − Q)X‖² / ‖WX‖² on the calibration inputs.", ""]
     for model in MODELS:
