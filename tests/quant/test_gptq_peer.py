@@ -1,6 +1,6 @@
 """rlx's GPTQ against llm-compressor's (`quantize_weight`, the GPTQ kernel of vLLM's compression
 library) on the same layer, Hessian and grid. llm-compressor runs in a child process: importing it
-sets up its own logging and session state, which the rest of the suite should not inherit."""
+sets up its own logging and global compression state, which the rest of the suite should not inherit."""
 import subprocess
 import sys
 
