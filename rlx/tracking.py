@@ -106,7 +106,7 @@ def print_summary(summary: dict, title: str = "rlx run") -> None:
     console.print(table)
 
 
-SWEEP_COLUMNS = ("train/loss", "average_bits", "sparsity", "mean_relative_error", "eval/loss", "eval/accuracy", "eval/response_len",
+SWEEP_COLUMNS = ("train/loss", "average_bits", "sparsity", "mean_relative_error", "eval/loss", "eval/accuracy", "eval/response_len", "general/perplexity",
                  "train/tokens_per_s", "wall_time_s")
 
 

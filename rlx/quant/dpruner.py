@@ -12,8 +12,8 @@
    The first part is the data term's estimate, its curvature from the empirical Fisher (g'²,
    one minibatch per step); the second is the penalty's own cost of zeroing the weight, exact
    because the penalty is quadratic. The two are added as magnitudes: inside one |·| a weight's
-   first-order term can cancel its penalty, and on SmolLM2 that ranked generally important
-   weights lowest (λ = 10 left a perplexity of 14,000).
+   first-order term can cancel its penalty, so the weights the penalty is meant to protect could
+   score lowest of all.
 4. The original (not fine-tuned) weights are pruned: the lowest S within each layer go.
 
 With λ = 0 the score is the domain-only Taylor/Fisher score; with no domain gradient it is λ·G·W²,
