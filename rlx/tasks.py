@@ -128,7 +128,7 @@ def _compress(cfg: DictConfig, run_dir: Path, kind: str) -> dict:
         else build(cfg.model)
     task = build(cfg.data)
     general = _general_task(cfg.calib.get("general"))
-    if getattr(method, "needs_general", False) and general is None:
+    if hasattr(method, "scores") and general is None:  # whole-model scorers (D-Pruner) need the open-domain set
         raise RlxError("method=dpruner needs an open-domain calibration set besides the domain task: add "
                        "calib.general=shakespeare (any option of the data group)")
     device = policy.model.device

@@ -51,8 +51,6 @@ class DPruner:
     lam: λ, the weight of the generality penalty; lr, epochs, clip_norm: the SGD fine-tune on
     the domain calibration set that the scores are accumulated over; damp: H's damping."""
 
-    needs_general = True
-
     def __init__(self, lam: float = 1.0, lr: float = 0.03, epochs: int = 1, clip_norm: float = 1.0,
                  damp: float = 0.01):
         if lam < 0 or lr <= 0 or epochs < 1:
