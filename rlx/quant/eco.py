@@ -65,12 +65,17 @@ def adam_correction(residual: Tensor, exp_avg_sq: Tensor, lr: float, next_lr: fl
     """What ECO adds to Adam's first moment after optimizer step `step` (torch's count, from 1):
 
         E ⊙ [(1 - η_t λ)/η_t · d_t - (1 - η_{t+1} λ)/(β1 η_{t+1}) · d_{t+1}],
-        d_s = bc1(s) (sqrt(V / bc2(s)) + ε)
+        d_t = bc1(t) (sqrt(V / bc2(t)) + ε),   d_{t+1} = bc1(t+1) (sqrt(V / bc2(t)) + ε)
+
+d_{t+1} predicts the next step's denominator from the current bias-corrected second moment:
+dividing V by bc2(t+1) instead would underestimate it by sqrt(bc2(t)/bc2(t+1)) (46% at step 10
+with β2 = 0.999) and re-apply too little of the residual.
 
     with λ the decoupled weight decay. With a constant LR and bias corrections this is the
     paper's (1 - ηλ)(1/η)(1 - 1/β1) d ⊙ E."""
     now = _adam_scale(exp_avg_sq, beta1, beta2, eps, step) * ((1 - lr * decay) / lr)
-    later = _adam_scale(exp_avg_sq, beta1, beta2, eps, step + 1) * ((1 - next_lr * decay) / (beta1 * next_lr))
+    denom = exp_avg_sq.sqrt() / math.sqrt(1 - beta2**step) + eps
+    later = (1 - beta1 ** (step + 1)) * denom * ((1 - next_lr * decay) / (beta1 * next_lr))
     return residual * (now - later)
 
 

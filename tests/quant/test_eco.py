@@ -61,10 +61,11 @@ def test_corrections_by_hand():
     assert torch.allclose(sgd_correction(E, 0.01, 0.01, 0.9), torch.tensor([-0.2 / 0.9, 0.1 / 0.9]))
     # a halving LR: E (1/0.01 - 1/(0.9 · 0.005)) = E (100 - 222.2...)
     assert torch.allclose(sgd_correction(E, 0.01, 0.005, 0.9), E * (100 - 1 / 0.0045))
-    # Adam after step 2 (β1 = 0.9, β2 = 0.99): bc1 = 0.19, bc2 = 0.0199; then step 3: bc1 = 0.271, bc2 = 0.029701
+    # Adam after step 2 (β1 = 0.9, β2 = 0.99): bc1 = 0.19, bc2 = 0.0199, so sqrt(V/bc2) = [2, 1];
+    # the next step's denominator is predicted from that same bias-corrected moment, with bc1(3) = 0.271
     V = torch.tensor([4.0, 1.0]) * 0.0199
     d2 = 0.19 * (torch.tensor([2.0, 1.0]) + 0.5)
-    d3 = 0.271 * ((V / 0.029701).sqrt() + 0.5)
+    d3 = 0.271 * (torch.tensor([2.0, 1.0]) + 0.5)
     got = adam_correction(E, V, lr=0.1, next_lr=0.05, beta1=0.9, beta2=0.99, eps=0.5, step=2, decay=0.5)
     expected = E * (d2 * (1 - 0.1 * 0.5) / 0.1 - d3 * (1 - 0.05 * 0.5) / (0.9 * 0.05))
     assert torch.allclose(got, expected)
