@@ -35,6 +35,7 @@ import math
 import torch
 from torch import Tensor
 
+from rlx.errors import RlxError
 from rlx.optimizers.fira import limit_growth, norm_scaling
 from rlx.optimizers.param_groups import PROJECTABLE, split_named
 from rlx.optimizers.projectors import (
@@ -114,6 +115,8 @@ class GradientSplitting(torch.optim.Optimizer):
         self.reset_on_refresh, self.block_order, self.fira_gamma, self.seed = reset_on_refresh, block_order, fira_gamma, seed
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
         super().__init__(_split_groups(params, projectable), defaults)
+        if state_free == "fira":
+            self._check_fira_subspaces()
         self._active: set[int] | None = None  # block selection: ids of the active tensors (derived, not saved)
 
     # ------------------------------------------------------------------ the step
@@ -170,6 +173,17 @@ class GradientSplitting(torch.optim.Optimizer):
             update, state["fira_norm"] = limit_growth(scaled, state.get("fira_norm"), self.fira_gamma)
             update.mul_(bias)
         p.add_(update, alpha=-group["lr"] * self.state_free_lr_scale)
+
+    def _check_fira_subspaces(self) -> None:
+        """Fira scales each residual by its subspace's Adam step, so every projectable matrix needs one."""
+        for group in self.param_groups:
+            if group["kind"] != "projectable":
+                continue
+            for name, p in zip(group.get("param_names", ["?"] * len(group["params"])), group["params"]):
+                if subspace_size(p.shape, self.projector, self.density, self.rank) == 0:
+                    raise RlxError(f"state_free=fira needs a subspace of at least 1 for every matrix: {name} "
+                                   f"{tuple(p.shape)} gets none at projector={self.projector}, "
+                                   f"rank={self.rank}, density={self.density}")
 
     # ------------------------------------------------------------------ projectors
 

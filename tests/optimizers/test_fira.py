@@ -5,6 +5,7 @@ import warnings
 import pytest
 import torch
 
+from rlx.errors import RlxError
 from rlx.optimizers.fira import limit_growth, norm_scaling
 from rlx.optimizers.splitting import GradientSplitting
 from tests.optimizers.test_splitting import assert_same_params, grads, small_model, splitting
@@ -123,3 +124,10 @@ def test_memory_report_sees_the_basis_galore_torch_keeps_in_its_projector():
     moments = 2 * 64 * 8  # two moments of R (64x8)
     assert memory_report(torch.nn.Linear(1, 1), opt)["optimizer_MB"] == pytest.approx((moments + 8 * 32) * 4 / 2**20)
     assert memory_report(torch.nn.Linear(1, 1), peer)["optimizer_MB"] == pytest.approx((moments + 32 * 32) * 4 / 2**20)
+
+
+@pytest.mark.parametrize("options", [{"projector": "svd", "rank": 0}, {"projector": "rows", "density": 0.01}])
+def test_fira_refuses_a_matrix_with_no_subspace_at_construction(options):
+    """rank 0 (or a density that rounds to no row) leaves no Adam step to scale the residual by."""
+    with pytest.raises(RlxError, match="state_free=fira needs"):
+        splitting(small_model(), state_free="fira", **options)
