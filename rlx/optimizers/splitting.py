@@ -23,6 +23,10 @@ get plain AdamW. Choices the papers leave to the code:
 * `reset_on_refresh` zeroes the subspace moments and Adam's step count (bias correction starts
   again, as for a fresh Adam); without it the moments carry over into the new basis (GaLore, Fira).
   Block selection always drops the state of a tensor that leaves the active set (BAdam).
+* Fira's residual is the paper's G − P R. The authors' code (the `fira` package, FiraAdamW, whose
+  `project_back` multiplies by α) forms G − α P R, which at α = 0.25 keeps 75% of the in-subspace
+  gradient in the residual; `fira_residual=code` reproduces that form (with α = `scale`), the
+  default `paper` the equation. At α = 1 the two agree.
 * Fira's growth limiter compares residual norms before Adam's bias correction √(1−β2^t)/(1−β1^t)
   (the paper does not say; its code does), so the correction's own drift never trips it.
 * Random choices (bases, coordinates, blocks) come from generators seeded by (seed, refresh,
@@ -52,6 +56,7 @@ from rlx.optimizers.projectors import (
 
 STATE_FREE = ("signsgd", "sgd", "none", "fira")
 BLOCK_ORDERS = ("random", "ascending", "descending")
+FIRA_RESIDUALS = ("paper", "code")  # G − P R (Fira's paper), G − scale·P R (its code, the `fira` package)
 
 
 def adam_direction(state: dict, g: Tensor, betas: tuple[float, float], eps: float) -> Tensor:
@@ -96,6 +101,7 @@ class GradientSplitting(torch.optim.Optimizer):
         reset_on_refresh: bool = True,
         block_order: str = "random",
         fira_gamma: float = 1.01,
+        fira_residual: str = "paper",
         projectable: str = PROJECTABLE,
         seed: int = 0,
     ):
@@ -105,6 +111,8 @@ class GradientSplitting(torch.optim.Optimizer):
             raise ValueError(f"state_free={state_free!r}; valid: {', '.join(STATE_FREE)}")
         if block_order not in BLOCK_ORDERS:
             raise ValueError(f"block_order={block_order!r}; valid: {', '.join(BLOCK_ORDERS)}")
+        if fira_residual not in FIRA_RESIDUALS:
+            raise RlxError(f"fira_residual={fira_residual!r}; valid: {', '.join(FIRA_RESIDUALS)}")
         if not 0.0 <= density <= 1.0 or update_gap < 1 or (rank is not None and rank < 0):
             raise ValueError("need 0 <= density <= 1, update_gap >= 1 and rank >= 0")
         if state_free == "fira" and (projector == "block" or (density == 0 and not rank)):
@@ -113,6 +121,7 @@ class GradientSplitting(torch.optim.Optimizer):
         self.projector, self.density, self.rank, self.update_gap = projector, density, rank, update_gap
         self.state_free, self.state_free_lr_scale, self.scale = state_free, state_free_lr_scale, scale
         self.reset_on_refresh, self.block_order, self.fira_gamma, self.seed = reset_on_refresh, block_order, fira_gamma, seed
+        self.fira_residual = fira_residual
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
         super().__init__(_split_groups(params, projectable), defaults)
         if state_free == "fira":
@@ -162,6 +171,8 @@ class GradientSplitting(torch.optim.Optimizer):
         if self.state_free == "none" or isinstance(proj, Full):
             return
         residual = proj.residual(g)
+        if self.state_free == "fira" and self.fira_residual == "code":
+            residual.add_(proj.up(r, g), alpha=1 - self.scale)  # G − scale·P R: the fira package's form
         if self.state_free == "signsgd":
             update = residual.sign_()
         elif self.state_free == "sgd":

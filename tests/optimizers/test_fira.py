@@ -90,17 +90,18 @@ def steps_with(optimizer, w, n=7):
     return w.detach()
 
 
-@pytest.mark.parametrize("package, cls, scale_key, rule", [
-    ("galore_torch", "GaLoreAdamW", "scale", "none"),  # GaLore, its update scaled by 0.25
+@pytest.mark.parametrize("package, cls, scale_key, rule, scale, residual", [
+    ("galore_torch", "GaLoreAdamW", "scale", "none", 0.25, "paper"),  # GaLore, its update scaled by 0.25
     # the fira package forms the residual as G - alpha*P*R; at alpha = 1 that is the paper's G - P*R
-    ("fira", "FiraAdamW", "alpha", "fira"),
+    ("fira", "FiraAdamW", "alpha", "fira", 1.0, "paper"),
+    ("fira", "FiraAdamW", "alpha", "fira", 0.25, "code"),  # the paper's alpha, with the code's residual
 ])
-def test_matches_the_reference_package(package, cls, scale_key, rule):
+def test_matches_the_reference_package(package, cls, scale_key, rule, scale, residual):
     peer_cls = getattr(pytest.importorskip(package), cls)
-    scale = 0.25 if rule == "none" else 1.0
     ours, ref = one_matrix(), one_matrix()
     opt = GradientSplitting([("mlp.w", ours)], lr=1e-2, betas=(0.9, 0.999), eps=1e-10, projector="svd", rank=8,
-                            update_gap=3, state_free=rule, scale=scale, reset_on_refresh=False)
+                            update_gap=3, state_free=rule, scale=scale, reset_on_refresh=False,
+                            fira_residual=residual)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         peer = peer_cls([{"params": [ref], "rank": 8, "update_proj_gap": 3, scale_key: scale, "proj_type": "std"}],
@@ -131,3 +132,16 @@ def test_fira_refuses_a_matrix_with_no_subspace_at_construction(options):
     """rank 0 (or a density that rounds to no row) leaves no Adam step to scale the residual by."""
     with pytest.raises(RlxError, match="state_free=fira needs"):
         splitting(small_model(), state_free="fira", **options)
+
+
+def test_the_paper_residual_differs_from_the_code_residual_below_alpha_one():
+    """At alpha 0.25 the code's residual G - alpha*P*R keeps 75% of the in-subspace gradient; the paper's has none."""
+    paper, code = one_matrix(), one_matrix()
+    opts = [GradientSplitting([("mlp.w", w)], projector="svd", rank=8, state_free="fira", scale=0.25,
+                              fira_residual=form) for w, form in ((paper, "paper"), (code, "code"))]
+    assert not torch.allclose(steps_with(opts[0], paper, 1), steps_with(opts[1], code, 1))
+
+
+def test_fira_residual_is_checked():
+    with pytest.raises(RlxError, match="fira_residual"):
+        GradientSplitting([("mlp.w", one_matrix())], projector="svd", rank=8, state_free="fira", fira_residual="codes")
