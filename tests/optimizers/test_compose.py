@@ -51,3 +51,11 @@ def test_eco_refuses_optimizers_without_adam_or_sgd_momentum_in_the_weights_shap
     with pytest.raises(RlxError, match="momentum"):
         # intermediate 128: the 32x128 MLP matrices reach the size torchao quantizes the state of (4,096)
         run_training(small_config(f"optimizer={optimizer}", "quantizer=eco", "model.intermediate_size=128"), tmp_path)
+
+
+@pytest.mark.parametrize("optimizer", ["frugal", "galore", "fira"])
+def test_splitting_configs_ship_the_papers_betas(optimizer):
+    """FRUGAL (LLaMA-130M on C4), GaLore and Fira all train with Adam's betas (0.9, 0.999)."""
+    from rlx.config import compose_config
+
+    assert list(compose_config("train", [f"optimizer={optimizer}"]).optimizer.betas) == [0.9, 0.999]
