@@ -30,7 +30,9 @@ get plain AdamW. Choices the papers leave to the code:
 * Fira's growth limiter compares residual norms before Adam's bias correction √(1−β2^t)/(1−β1^t)
   (the paper does not say; its code does), so the correction's own drift never trips it.
 * Random choices (bases, coordinates, blocks) come from generators seeded by (seed, refresh,
-  parameter), so a resumed run draws the same ones; SVD bases are kept in the optimizer state.
+  parameter), the parameter by its place among all the optimizer's parameters (over every group,
+  so same-shaped matrices in different groups draw different bases), so a resumed run draws the
+  same ones; SVD bases are kept in the optimizer state.
 """
 from __future__ import annotations
 
@@ -142,10 +144,12 @@ class GradientSplitting(torch.optim.Optimizer):
                 self._select_blocks(t // self.update_gap, start_afresh=True)
             elif self._active is None:  # resumed mid-period: the same blocks, their moments kept
                 self._select_blocks(t // self.update_gap, start_afresh=False)
+        index = 0  # each parameter's place over all groups: its random choices' seed, unique per parameter
         for group in self.param_groups:
             t = group.setdefault("t", 0)  # steps taken; a group key, so checkpoints carry it
             refresh = t % self.update_gap == 0
-            for index, p in enumerate(group["params"]):
+            for p in group["params"]:
+                index += 1
                 if p.grad is None:
                     continue
                 lr = group["lr"]

@@ -173,3 +173,14 @@ def test_lr_scales():
 def test_full_projector_has_no_residual():
     g = torch.randn(4, 3)
     assert Full().residual(g).abs().max() == 0 and Full().down(g) is g
+
+
+@pytest.mark.parametrize("projector", ["random", "rows"])
+def test_same_shaped_matrices_in_different_groups_draw_different_random_subspaces(projector):
+    a, b = (torch.nn.Parameter(torch.zeros(32, 16)) for _ in range(2))
+    opt = GradientSplitting([{"params": [("mlp.a", a)]}, {"params": [("mlp.b", b)], "lr": 1e-3}],
+                            projector=projector, density=0.25)
+    a.grad, b.grad = torch.randn(32, 16), torch.randn(32, 16)
+    opt.step()
+    key = "basis" if projector == "random" else "index"
+    assert not torch.equal(opt.state[a][key], opt.state[b][key])
