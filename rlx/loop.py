@@ -106,13 +106,10 @@ def train(state: TrainState, algo, task, hooks: HookList, logger, cfg: TrainerCo
         rest = load_checkpoint(state, resume)
         stream.load_state_dict(rest["data"])
         hooks.load_state_dict(rest["hooks"])
-        if hasattr(algo, "load_state_dict"):  # e.g. PPO's critic and the rollout it is replaying
-            algo.load_state_dict(rest.get("algo", {}))
+        algo.load_state_dict(rest.get("algo", {}))  # e.g. PPO's critic and the rollout it is replaying
 
     def save() -> Path:
-        extra = {"data": stream.state_dict(), "hooks": hooks.state_dict()}
-        if hasattr(algo, "state_dict"):
-            extra["algo"] = algo.state_dict()
+        extra = {"data": stream.state_dict(), "hooks": hooks.state_dict(), "algo": algo.state_dict()}
         return save_checkpoint(state, ckpt_root, extra, config, cfg.keep_last)
 
     def run_eval() -> dict:

@@ -36,6 +36,7 @@ cores this is about 2x HF `generate` + a log-prob pass (scripts/bench_rollout.py
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -179,6 +180,20 @@ def _generate(model, ids: Tensor, mask: Tensor, max_new_tokens: int, eos_token_i
                     cache=cache, use_cache=True)
         next_pos = next_pos + 1
     return tokens[:, :steps], logprobs[:, :steps], finished
+
+
+@contextlib.contextmanager
+def eval_mode(*models):
+    """Run the block with `models` in eval mode (no dropout) and restore each one's mode after:
+    behaviour and reference log-probs are those of the deterministic policy, as TRL and verl take them."""
+    was = [m.training for m in models]
+    for m in models:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, training in zip(models, was):
+            m.train(training)
 
 
 def _response_mask(tokens: Tensor, eos_token_id: int) -> Tensor:

@@ -15,6 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from rlx.algorithms import Algorithm
 from rlx.config import build
 from rlx.errors import RlxError
 from rlx.hooks import HookList
@@ -33,11 +34,13 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict:
     policy = build(cfg.model)
     task = build(cfg.data)
     algo = build(cfg.algo)
+    if not isinstance(algo, Algorithm):
+        raise RlxError(f"algo {cfg.algo.get('_target_')} lacks a method of the algorithm contract "
+                       "(make_batch, loss, param_groups, state_dict, load_state_dict: rlx/algorithms/__init__.py)")
     # Named parameters (torch keeps the names in each group's `param_names`), so optimizers that
     # treat layers differently (FRUGAL keeps embeddings and norms state-full) can tell them apart.
-    groups = [{"params": [(n, p) for n, p in policy.model.named_parameters() if p.requires_grad]}]
-    if hasattr(algo, "param_groups"):  # what an algorithm trains beside the policy (PPO's critic)
-        groups += algo.param_groups()
+    groups = [{"params": [(n, p) for n, p in policy.model.named_parameters() if p.requires_grad]},
+              *algo.param_groups()]  # what an algorithm trains beside the policy (PPO's critic)
     params = [p for g in groups for _, p in g["params"]]
     try:  # `_partial_` optimizers meet their parameters (and any bad values) only here
         optimizer = build(cfg.optimizer)(groups)

@@ -1,11 +1,35 @@
-"""Training objectives, one module each. An algorithm is a class with
-
-    make_batch(examples, state) -> dict   # tensors for one micro-batch (RL: run rollouts here)
-    loss(batch, state) -> (loss, metrics) # a scalar averaged over the batch's `num_targets`
+"""Training objectives, one module each, all built to one contract (`Algorithm`): the loop calls
+exactly these five methods and nothing else, so a new algorithm is a class with them, a config
+whose `_target_` names it, and a test.
 
 `make_batch` must put `num_targets` (how many units the loss averages over, e.g. target
 tokens) in the batch: the loop weights micro-batches by it, so 1 x 8 and 8 x 1 accumulation
 give the same gradient. Where those units are not tokens (pairs, sequences), `num_tokens`
 tells the loop how many tokens the batch trained on, for `train/tokens` and throughput.
-Shared math lives in pure functions, not base classes.
+An algorithm with nothing to add writes the no-op one-liners (`return []`, `return {}`, `...`).
+Shared math lives in pure functions (`_rl.py`), not base classes.
 """
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+from torch import Tensor
+
+
+@runtime_checkable
+class Algorithm(Protocol):
+    def make_batch(self, examples, state) -> dict:
+        """Tensors for one micro-batch (RL: run the rollout here). `examples` is the stream's next
+        micro-batch, drawn only when indexed, so replaying a held rollout consumes no data."""
+
+    def loss(self, batch: dict, state) -> tuple[Tensor, dict]:
+        """(scalar loss averaged over the batch's `num_targets`, metrics)."""
+
+    def param_groups(self) -> list[dict]:
+        """Optimizer groups of what the algorithm trains beside the policy (PPO's critic), with
+        named parameters: `{"params": [(name, p), ...], **options}`."""
+
+    def state_dict(self) -> dict:
+        """What a checkpoint must hold to resume exactly (a critic, a rollout being replayed)."""
+
+    def load_state_dict(self, state: dict) -> None: ...

@@ -161,7 +161,15 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k3") ->
     k3 (verl "low_var_kl"):  exp(ref - logp) - (ref - logp) - 1 >= 0, unbiased, low variance;
                              TRL GRPO's beta term, OpenRLHF --algo.kl.estimator k3
     k3 clamps the log-ratio to +-20 and the result to <= 10, as verl does, so a token whose
-    reference probability is vanishingly small cannot blow up the loss.
+    reference probability is vanishingly small cannot blow up the loss (and its gradient stays
+    finite: without the inner clamp exp overflows and the clamped branch's gradient is NaN).
+
+    As a loss term (GRPO/PPO kl_coef) the values are estimates but the gradients are what matter:
+    k1's expected gradient is zero (E_pi[grad log pi] = 0), so k1 as a loss does nothing on
+    average; k2's expected gradient is that of KL(pi || pi_ref); k3's
+    gradient, grad(exp(ref - logp) - (ref - logp)) = (1 - pi_ref/pi) grad log pi, has the expected
+    gradient of the reverse KL(pi_ref || pi), not of KL(pi || pi_ref). These are the estimators
+    as TRL and verl use them.
     """
     kind = KL_ESTIMATORS.get(estimator)
     log_ratio = logprobs - ref_logprobs

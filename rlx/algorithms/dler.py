@@ -36,6 +36,9 @@ with them ~66 (the paper's 4000 against R1's 7-10k). Deviations, on purpose:
 * dual-clip (c = 10) is not applied: it bounds the loss of negative-advantage tokens whose
   ratio exceeds c, which only matters far off-policy, and rlx's replay is at most a few
   minibatches old;
+* batch normalisation whitens over one micro-batch rollout (trainer.micro_batch_size prompts,
+  after dynamic sampling), the optimizer step's batch at trainer.grad_accum=1; with accumulation
+  each micro-batch is whitened on its own;
 * the truncation gate uses the rollout's `finished` flag (EOS emitted) rather than a length
   test, which is the same thing when generation is capped at L_T.
 """

@@ -93,6 +93,14 @@ class DPO:
         self.reference = reference.model.eval().requires_grad_(False)
         self.ref_cache: dict[tuple[str, str, str], tuple[float, float]] = {}  # key -> (chosen, rejected) summed
 
+    def param_groups(self) -> list[dict]:
+        return []  # the policy only
+
+    def state_dict(self) -> dict:
+        return {}  # the reference cache is recomputed on resume
+
+    def load_state_dict(self, state: dict) -> None: ...
+
     # ------------------------------------------------------------------ batch
 
     def make_batch(self, examples: list[dict], state) -> dict:

@@ -15,6 +15,17 @@ KL term to a frozen reference (k3 estimator by default), aggregated per `loss_ag
 (`rlx.algorithms._rl.aggregate`: token_mean = TRL "dapo"/verl "token-mean";
 seq_mean_token_mean = TRL "grpo"; seq_mean_token_sum_norm = TRL "dr_grpo").
 
+Defaults (conf/algo/grpo.yaml) are TRL's, not the paper's: loss_agg=token_mean (DAPO's
+aggregation; the paper averages per sequence, `seq_mean_token_mean`) and no KL term (kl_coef=0;
+the paper uses the k3 estimator at beta=0.04: `algo.kl_coef=0.04 algo.reference='${model}'`).
+
+Scope of the batch statistics: `scale=batch` and `scale=batch_tokens` take their std over one
+micro-batch rollout (trainer.micro_batch_size prompts x group_size), which is the optimizer
+step's batch at trainer.grad_accum=1; with accumulation each micro-batch is normalised on its own.
+
+Behaviour and reference log-probs are taken in eval mode (no dropout), as TRL does; the loss's
+log-probs in train mode.
+
 Deviations, on purpose:
 * one policy update per rollout (`num_iterations = 1`, as TRL's default): the "old"
   log-probs are the current ones detached, so the ratio is 1 and the clip only matters for
@@ -41,7 +52,7 @@ from rlx.algorithms._rl import (
 )
 from rlx.algorithms._sampling import Scored, sample_and_score
 from rlx.errors import RlxError
-from rlx.rollout import Rollout, sequence_logprobs, sequence_logprobs_and_entropy
+from rlx.rollout import Rollout, eval_mode, sequence_logprobs, sequence_logprobs_and_entropy
 
 SCALES = ("group", "batch", "batch_tokens", "none")
 
@@ -118,6 +129,9 @@ class GRPO:
         device = state.model.device  # a resumed queue comes back on the CPU
         return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in self._queue.pop(0).items()}
 
+    def param_groups(self) -> list[dict]:
+        return []  # the policy only
+
     def state_dict(self) -> dict:
         return {"queue": self._queue}  # the minibatches of a rollout still being replayed
 
@@ -139,7 +153,9 @@ class GRPO:
         data = {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": mask,
                 "advantages": advantages}
         if self.minibatches > 1:  # later minibatches see a policy that has moved: keep the behaviour's
-            data["old_logprobs"] = sequence_logprobs(model, input_ids, attention_mask, mask.shape[1], self.temperature)
+            with eval_mode(model):  # without dropout, as TRL computes them
+                data["old_logprobs"] = sequence_logprobs(model, input_ids, attention_mask, mask.shape[1],
+                                                         self.temperature)
         if self.reference is not None:
             data["ref_logprobs"] = sequence_logprobs(self.reference, input_ids, attention_mask, mask.shape[1],
                                                      self.temperature)

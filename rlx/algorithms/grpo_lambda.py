@@ -30,8 +30,15 @@ write-up of its method section. Choices where it is silent, each a config option
 * `length_reward=kimi` swaps in Kimi-1.5's min-max length reward (correct: 0.5 - (L - min) /
   (max - min); wrong: min(0, that)), the paper's named example of a length-penalty reward;
 * `mode=threshold` is an ablation, not the paper's rule.
+
+Scope: "the batch" is one micro-batch rollout (trainer.micro_batch_size prompts), which is the
+optimizer step's batch at trainer.grad_accum=1; with accumulation each micro-batch selects its own
+top-lambda groups. A micro-batch too small for floor(lambda * K) >= 1 stops the run with one line
+rather than silently training plain GRPO.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -91,6 +98,11 @@ class GRPOLambda(GRPO):
         """(rewards with S's groups length-penalised, the bool [K] selection S)."""
         G = self.group_size
         ratios = correct.float().view(-1, G).mean(1)
+        K = len(ratios)
+        if self.mode == "topk" and self.fraction > 0 and int(self.fraction * K + 1e-9) == 0:
+            raise RlxError(f"algo.fraction={self.fraction} of the {K} groups in a micro-batch selects none, so "
+                           f"GRPO-lambda would silently be GRPO: raise trainer.micro_batch_size to at least "
+                           f"{math.ceil(1 / self.fraction - 1e-9)} prompts (the selection is per micro-batch rollout)")
         chosen = efficiency_groups(ratios, self.fraction, self.mode, self.threshold)
         out = rewards.float().clone().view(-1, G)
         for k in chosen.nonzero().flatten().tolist():

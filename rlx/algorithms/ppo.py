@@ -42,7 +42,7 @@ from rlx.algorithms._rl import (
 )
 from rlx.algorithms._sampling import sample_and_score
 from rlx.errors import RlxError
-from rlx.rollout import positions, sequence_logprobs, sequence_logprobs_and_entropy
+from rlx.rollout import eval_mode, positions, sequence_logprobs, sequence_logprobs_and_entropy
 
 
 class ValueModel(nn.Module):
@@ -65,6 +65,13 @@ class ValueModel(nn.Module):
         return values * attention_mask[:, -response_len:]
 
 
+def critic_group(critic: ValueModel, lr: float | None) -> list[dict]:
+    """The critic's parameters as one group of the loop's optimizer (named `critic.*`), at `lr` if
+    set (verl's critic.optim.lr), else the optimizer's lr. PPO and T-PPO share it."""
+    group = {"params": [(f"critic.{n}", p) for n, p in critic.named_parameters() if p.requires_grad]}
+    return [group if lr is None else {**group, "lr": lr}]
+
+
 def score_rewards(scores: Tensor, mask: Tensor, kl: Tensor | None = None, kl_coef: float = 0.0) -> Tensor:
     """Per-token rewards [B, T]: each sequence's score on its last valid token, minus
     kl_coef * kl on every token (the RLHF reward of Ouyang et al., eq. 2; TRL's PPO)."""
@@ -80,11 +87,12 @@ def replay(data: dict, mask_key: str, epochs: int, minibatches: int, loss_agg: s
            metrics: dict) -> list[dict]:
     """The minibatches `make_batch` hands out for one rollout: `epochs` passes over the rows of
     `data`, each a fresh shuffle cut into `minibatches`, with the loop's num_targets (per
-    `loss_agg` over `data[mask_key]`) and num_tokens."""
+    `loss_agg` over `data[mask_key]`) and num_tokens. Always exactly epochs * minibatches of them:
+    `tensor_split` makes sizes differ by at most one row (`chunk` would make 3 of 6 rows for 4)."""
     mask = data[mask_key]
     queue = []
     for _ in range(epochs):
-        for rows in torch.randperm(mask.shape[0]).chunk(minibatches):
+        for rows in torch.randperm(mask.shape[0]).tensor_split(minibatches):
             rows = rows.to(mask.device)
             mb = {k: v[rows] for k, v in data.items()}
             mb["num_targets"] = int(aggregation_weight(mb[mask_key], loss_agg, max_len))
@@ -137,9 +145,7 @@ class PPO:
     # ------------------------------------------------------------------ what the loop sees
 
     def param_groups(self) -> list[dict]:
-        """The critic's parameters for the loop's optimizer, at `critic_lr` if set (else the optimizer's lr)."""
-        group = {"params": [(f"critic.{n}", p) for n, p in self.critic.named_parameters() if p.requires_grad]}
-        return [group if self.critic_lr is None else {**group, "lr": self.critic_lr}]
+        return critic_group(self.critic, self.critic_lr)
 
     def state_dict(self) -> dict:
         return {"critic": self.critic.state_dict(), "queue": self._queue}
@@ -168,13 +174,14 @@ class PPO:
         B, R = mask.shape
         if B < self.minibatches:
             raise RlxError(f"a rollout of {B} responses cannot make algo.minibatches={self.minibatches}")
-        old_logprobs = sequence_logprobs(model, input_ids, attention_mask, R, self.temperature)
-        old_values = self.critic(input_ids, attention_mask, R)
+        with eval_mode(model, self.critic):  # behaviour log-probs and values without dropout, as TRL
+            old_logprobs = sequence_logprobs(model, input_ids, attention_mask, R, self.temperature)
+            old_values = self.critic(input_ids, attention_mask, R)
         metrics = dict(scored.metrics)
         data = {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": mask,
                 "old_logprobs": old_logprobs, "old_values": old_values}
         kl = None
-        if self.reference is not None:
+        if self.reference is not None:  # the reference is frozen in eval mode
             data["ref_logprobs"] = sequence_logprobs(self.reference, input_ids, attention_mask, R, self.temperature)
             kl = kl_penalty(old_logprobs, data["ref_logprobs"], "k1")
             metrics["rl/kl"] = masked_mean(kl_penalty(old_logprobs, data["ref_logprobs"], self.kl_estimator), mask).item()

@@ -83,6 +83,14 @@ class RM:
         batch["num_tokens"] = int(batch["attention_mask"].sum())  # chosen + rejected tokens
         return batch
 
+    def param_groups(self) -> list[dict]:
+        return []  # the policy only
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None: ...
+
     def loss(self, batch: dict, state):
         rewards = sequence_reward(state.model, batch["input_ids"], batch["attention_mask"],
                                   state.tokenizer.eos_token_id)

@@ -20,6 +20,14 @@ class SFT:
         batch["num_targets"] = int((batch["labels"][:, 1:] != IGNORE).sum())  # predicted tokens
         return batch
 
+    def param_groups(self) -> list[dict]:
+        return []  # the policy only
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None: ...
+
     def loss(self, batch: dict, state):
         nll, n = token_nll(state.model, batch)
         loss = nll / n

@@ -102,10 +102,10 @@ from rlx.algorithms._rl import (
     whiten,
 )
 from rlx.algorithms._sampling import score
-from rlx.algorithms.ppo import PPO, ValueModel, replay, score_rewards
+from rlx.algorithms.ppo import ValueModel, critic_group, replay, score_rewards
 from rlx.data.collate import prompt_batch
 from rlx.errors import RlxError
-from rlx.rollout import Rollout, extend, sequence_logprobs, sequence_logprobs_and_entropy
+from rlx.rollout import Rollout, eval_mode, extend, sequence_logprobs, sequence_logprobs_and_entropy
 
 POLICY_TOKENS = ("window", "all_generated")
 
@@ -180,7 +180,8 @@ class TPPO:
 
     # ------------------------------------------------------------------ what the loop sees
 
-    param_groups = PPO.param_groups  # the critic's parameters, at critic_lr if set
+    def param_groups(self) -> list[dict]:
+        return critic_group(self.critic, self.critic_lr)
 
     def state_dict(self) -> dict:
         pool = None if self._pool is None else dict(vars(self._pool))
@@ -273,8 +274,9 @@ class TPPO:
         in_window = (torch.arange(R, device=mask.device) >= start[:, None]).float()
         policy_mask = mask * in_window if self.policy_tokens == "window" else mask
         value_mask = mask * done[:, None].float()
-        old_logprobs = sequence_logprobs(model, input_ids, attention_mask, R, self.temperature)
-        old_values = self.critic(input_ids, attention_mask, R)
+        with eval_mode(model, self.critic):  # behaviour log-probs and values without dropout, as TRL
+            old_logprobs = sequence_logprobs(model, input_ids, attention_mask, R, self.temperature)
+            old_values = self.critic(input_ids, attention_mask, R)
         token_rewards = score_rewards(scores.to(mask.device), mask)
         advantages, _ = extended_gae(token_rewards, old_values, mask, done, self.gamma, self.lam)
         _, returns = gae(token_rewards, old_values, mask, self.gamma, self.critic_lam)

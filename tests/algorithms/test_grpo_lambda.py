@@ -103,6 +103,6 @@ def test_bad_mode_is_one_clear_error():
 
 
 def test_grpo_lambda_runs_in_the_loop(tmp_path):
-    run_training(small_config("algo=grpo_lambda", "algo.group_size=2", "algo.max_new_tokens=8",
+    run_training(small_config("algo=grpo_lambda", "algo.group_size=2", "algo.max_new_tokens=8", "algo.fraction=0.5",
                               "trainer.micro_batch_size=2"), tmp_path)
     assert "grpo_lambda/selected" in (tmp_path / "metrics.jsonl").read_text()
