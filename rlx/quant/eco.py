@@ -26,8 +26,13 @@ schedule moves (warm-up, cosine decay). The (1 - ηλ) factor also follows from 
 (the paper's Algorithm 3 omits it: an O(ηλ) difference). A step with η_t = 0 (the first warm-up
 step) or η_{t+1} = 0 (the end of a decay) cannot carry a correction, and its residual is dropped.
 `exact=true` keeps E_t and applies `M += E_t/η_t - E_{t+1}/(β η_{t+1})` (SGD only): the
-iterates then equal the master-weight run's exactly, under any schedule. It costs a buffer per
-weight and exists for tests.
+iterates then equal the master-weight run's to rounding error, under any schedule whose LR stays
+positive after the first step, provided the initial weights lie on the grid (q(W_0) = W_0) and
+there is no weight decay. An off-grid start's residual E_0 is never re-applied (there is no
+earlier step to carry it), so the runs differ by up to |E_0| (~1e-2 on a 0.05 grid) before
+momentum mixes it away; SGD's weight decay is coupled, taken at Ŵ_t rather than the master
+weights, so every gradient differs from the master run's by λE_t. It costs a buffer per weight
+and exists for tests.
 
 `no_master` drops E (naive master-weight removal); `master` keeps fp32 weights and runs the
 forward on q(W) with a straight-through gradient: ECO aims to match it with the memory of

@@ -14,12 +14,12 @@ from tests.conftest import small_config, straight_and_resumed
 TARGET, LR, BETA = 0.537, 0.01, 0.9
 
 
-def scalar_run(hook, steps: int, schedule=lambda step: 1.0):
-    """f(w) = ½(w - 0.537)², w0 = 0, SGD momentum in EMA form (dampening = β), float64, the LR
-    scaled by `schedule`. Returns the weight after each optimizer step (before re-quantization)."""
+def scalar_run(hook, steps: int, schedule=lambda step: 1.0, w0: float = 0.0, weight_decay: float = 0.0):
+    """f(w) = ½(w - 0.537)², w0 = 0 unless given, SGD momentum in EMA form (dampening = β), float64,
+    the LR scaled by `schedule`. Returns the weight after each optimizer step (before re-quantization)."""
     model = torch.nn.Sequential(torch.nn.Linear(1, 1, bias=False)).double()
-    model[0].weight.data.zero_()
-    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=BETA, dampening=BETA)
+    model[0].weight.data.fill_(w0)
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=BETA, dampening=BETA, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     state = SimpleNamespace(model=model, optimizer=opt)
     hook.on_train_start(state)
@@ -44,6 +44,15 @@ def test_exact_eco_follows_the_master_weight_trajectory(schedule):
     master, _ = scalar_run(MasterWeights(**GRID), 200, schedule)
     assert max(abs(a - b) for a, b in zip(eco, master)) < 1e-12
     assert master[-1] > 0.3  # the run moves (it is not trivially static at 0)
+
+
+@pytest.mark.parametrize("schedule", [lambda s: 1.0, lambda s: 1.0 - s / 250], ids=["constant", "decaying"])
+def test_exact_eco_needs_an_on_grid_start_and_no_weight_decay(schedule):
+    gap = lambda **kw: max(abs(a - b) for a, b in zip(scalar_run(ECO(**GRID, exact=True), 200, schedule, **kw)[0],
+                                                      scalar_run(MasterWeights(**GRID), 200, schedule, **kw)[0]))
+    assert gap(w0=0.1) < 1e-12  # on the grid (0.05 spacing): the master iterates, as from 0
+    assert gap(w0=0.12) > 1e-2  # off it: E_0 = 0.02 has no earlier step to carry it
+    assert gap(weight_decay=0.1) > 1e-5  # SGD's decay is taken at the quantized weights (measured ~1e-4)
 
 
 def test_naive_removal_stalls_and_eco_reaches_the_nearest_grid_point():
@@ -175,7 +184,8 @@ def _least_squares_run(hook, schedule: str, steps: int = 600, every: int = 10) -
     model = torch.nn.Sequential(torch.nn.Linear(32, 16, bias=False))
     model[0].weight.data = 0.1 * torch.randn(16, 32, generator=g)
     opt = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.0)
-    factor = (lambda s: 1.0) if schedule == "constant" else (lambda s: 0.01 + 0.495 * (1 + math.cos(math.pi * s / steps)))
+    cosine = lambda s: 0.01 + 0.495 * (1 + math.cos(math.pi * s / steps))
+    factor = (lambda s: 1.0) if schedule == "constant" else cosine
     sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     state = SimpleNamespace(model=model, optimizer=opt)
     hook.on_train_start(state)
