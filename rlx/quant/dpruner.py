@@ -10,10 +10,12 @@
    second-order Taylor estimate of the change in L' when it is zeroed is added up:
        S_ij += | g'W' − ½ (g'W')² | + λ G W'²,   g' = ∂L'/∂W'
    The first part is the data term's estimate, its curvature from the empirical Fisher (g'²,
-   one minibatch per step); the second is the penalty's own cost of zeroing the weight, exact
-   because the penalty is quadratic. The two are added as magnitudes: inside one |·| a weight's
-   first-order term can cancel its penalty, so the weights the penalty is meant to protect could
-   score lowest of all.
+   one minibatch per step); g' includes the penalty's gradient, so g'W' also carries the
+   penalty's first-order term. The second is the penalty's curvature term ½·2λG·W'², not its
+   exact cost of zeroing the weight, which is λG(W² − (W' − W)²) (the penalty at W' = 0 minus
+   its value at W'); the two agree only where W' = W, as at the first step. The two are added
+   as magnitudes: inside one |·| a weight's first-order term can cancel its penalty, so the
+   weights the penalty is meant to protect could score lowest of all.
 4. The original (not fine-tuned) weights are pruned: the lowest S within each layer go.
 
 With λ = 0 the score is the domain-only Taylor/Fisher score; with no domain gradient it is λ·G·W²,
@@ -31,16 +33,21 @@ from rlx.errors import RlxError
 
 def general_importance(w: Tensor, h: Tensor, damp: float = 0.01) -> Tensor:
     """ε_ij = ½ W_ij² / [H⁻¹]_jj: the rise in ½‖(W − W')X‖² when W_ij is zeroed and the rest of
-    row i is re-fit (Optimal Brain Surgeon), with H damped by `damp` × its mean diagonal."""
+    row i is re-fit (Optimal Brain Surgeon), with H damped by `damp` × its mean diagonal.
+
+    The damping comes before the dead-input check, so an input never seen (H_jj = 0) has
+    H_jj = δ = damp × mean diagonal by then, the check never fires, and its weights score
+    ½ W_ij² δ: small, but never zero (with damp = 0 the check sets H_jj = 1: ½ W_ij²)."""
     h = h.double() + damp * torch.diag(h).mean().clamp_min(1e-12) * torch.eye(h.shape[0], dtype=torch.float64)
     dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0  # inputs never seen: removing their weights costs nothing
+    h[dead, dead] = 1.0  # reached only with damp = 0 (damping fills dead inputs); then ε = ½ W², not 0
     h_inv_diag = torch.diag(torch.cholesky_inverse(torch.linalg.cholesky(h)))
     return (0.5 * w.double() ** 2 / h_inv_diag[None, :]).to(w.dtype)
 
 
 def dual_score(grad: Tensor, w: Tensor, general: Tensor, lam: float) -> Tensor:
-    """One step's cost of zeroing each weight under L': |g'W' − ½ (g'W')²| + λ G W'²."""
+    """One step's score for zeroing each weight under L': |g'W' − ½ (g'W')²| + λ G W'² (the
+    penalty's curvature term; its exact cost of zeroing is λ G (W² − (W' − W)²))."""
     gw = grad * w
     return (gw - 0.5 * gw**2).abs() + lam * general * w**2
 
