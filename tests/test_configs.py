@@ -47,7 +47,7 @@ def test_every_option_builds(group, option, tmp_path: Path):
         obj.log({"train/loss": 1.0}, step=1)
         obj.finish()
     elif group == "optimizer":
-        obj = build(node)([("mlp.up_proj.weight", torch.nn.Parameter(torch.zeros(2, 2)))])  # named, as the loop passes
+        obj = build(node)([("mlp.up_proj.weight", torch.nn.Parameter(torch.zeros(8, 8)))])  # named, as the loop passes; 8 wide so density 0.25 keeps 2 rows
     elif group == "data":
         obj = build(node)
         assert all(len(obj.split(s)) > 0 for s in ("train", "validation", "test"))
