@@ -73,8 +73,10 @@ def adam_correction(residual: Tensor, exp_avg_sq: Tensor, lr: float, next_lr: fl
         d_t = bc1(t) (sqrt(V / bc2(t)) + ε),   d_{t+1} = bc1(t+1) (sqrt(V / bc2(t)) + ε)
 
 d_{t+1} predicts the next step's denominator from the current bias-corrected second moment:
-dividing V by bc2(t+1) instead would underestimate it by sqrt(bc2(t)/bc2(t+1)) (46% at step 10
-with β2 = 0.999) and re-apply too little of the residual.
+dividing V by bc2(t+1) instead would underestimate it by the factor sqrt(bc2(t)/bc2(t+1)) (0.954
+at step 10 with β2 = 0.999), which shrinks the bracket, a difference of two near-equal terms, by
+about a third at step 10 and 5% at step 100 (constant LR, ε ≪ sqrt(V)), so too little of the
+residual would be re-applied.
 
     with λ the decoupled weight decay. With a constant LR and bias corrections this is the
     paper's (1 - ηλ)(1/η)(1 - 1/β1) d ⊙ E."""
