@@ -35,7 +35,17 @@ EVENTS = (
 
 
 class Hook:
-    """The no-op hook: subclass and override the events you need. `quantizer=none` is this."""
+    """The no-op hook: subclass and override the events you need. `quantizer=none` is this.
+
+    `metrics` holds one-off numbers to log after the current step (the loop reads and clears it);
+    every instance has its own, made before any `__init__` runs."""
+
+    metrics: dict[str, float]
+
+    def __new__(cls, *args, **kwargs):
+        hook = super().__new__(cls)
+        hook.metrics = {}
+        return hook
 
     def on_train_start(self, state: TrainState) -> None: ...
     def on_step_start(self, state: TrainState) -> None: ...
@@ -72,7 +82,7 @@ class HookList:
         """What the hooks reported since the last call (and clear it)."""
         out: dict[str, float] = {}
         for hook in self.hooks:
-            if getattr(hook, "metrics", None):
+            if hook.metrics:
                 out.update(hook.metrics)
                 hook.metrics = {}
         return out

@@ -92,12 +92,12 @@ def _resume_from(cfg: TrainerConfig, run_dir: Path) -> Path | None:
     return find_checkpoint(cfg.resume)
 
 
-def train(state: TrainState, algo, task, hooks: HookList, logger, cfg: TrainerConfig,
-          run_dir: Path, seed: int = 0, config: DictConfig | None = None) -> dict:
-    """Run `cfg.max_steps` optimizer steps; returns the final metrics."""
-    model, device = state.model, state.model.device
+def train(state: TrainState, algo, hooks: HookList, logger, *, seed: int = 0,
+          config: DictConfig | None = None) -> dict:
+    """Run `state.trainer.max_steps` optimizer steps on `state.task` into `state.run_dir`;
+    returns the final metrics. `config` is the composed config, saved with each checkpoint."""
+    model, device, task, cfg, run_dir = state.model, state.model.device, state.task, state.trainer, state.run_dir
     stream = ExampleStream(task.split("train"), cfg.micro_batch_size, seed)
-    state.run_dir = run_dir
     state.stream = stream  # for algorithms that draw more prompts than one micro-batch (dynamic sampling)
     params = [p for group in state.optimizer.param_groups for p in group["params"]]  # incl. a critic's
     ckpt_root = run_dir / "checkpoints"

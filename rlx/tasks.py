@@ -46,12 +46,13 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict:
         optimizer = build(cfg.optimizer)(groups)
     except (TypeError, ValueError) as e:
         raise RlxError(f"cannot build optimizer {cfg.optimizer.get('_target_')}: {e}") from None
-    state = TrainState(policy.model, policy.tokenizer, optimizer, make_scheduler(optimizer, trainer_cfg), task)
+    state = TrainState(policy.model, policy.tokenizer, optimizer, make_scheduler(optimizer, trainer_cfg), task,
+                       run_dir=run_dir, trainer=trainer_cfg)
     hooks = HookList({"quantizer": build(cfg.quantizer), **{name: build(h) for name, h in cfg.hooks.items()}})
     logger = build(cfg.logger, run_dir=run_dir)
     logger.log_config(cfg)
     try:
-        final = train(state, algo, task, hooks, logger, trainer_cfg, run_dir, seed=cfg.seed, config=cfg)
+        final = train(state, algo, hooks, logger, seed=cfg.seed, config=cfg)
         summary = {
             "run_dir": str(run_dir),
             "params_M": sum(p.numel() for p in params) / 1e6,

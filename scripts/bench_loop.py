@@ -187,8 +187,8 @@ def run_rlx(setup: Setup) -> Run:
         logger.log_config(cfg)
         with time_calls(rlx.loop, "evaluate", eval_s), time_calls(rlx.loop, "save_checkpoint", save_s):
             t0 = time.perf_counter()
-            final = rlx.loop.train(state, setup.algo, setup.task, hooks, logger, setup.trainer, Path(run_dir),
-                                   seed=cfg.seed, config=cfg)
+            state.task, state.trainer, state.run_dir = setup.task, setup.trainer, Path(run_dir)
+            final = rlx.loop.train(state, setup.algo, hooks, logger, seed=cfg.seed, config=cfg)
             end_to_end = time.perf_counter() - t0
         logger.finish()
         rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
