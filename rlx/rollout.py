@@ -206,13 +206,9 @@ def sample(model, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new_tokens: in
            pad_token_id: int, temperature: float = 1.0, top_p: float = 1.0,
            generator: torch.Generator | None = None) -> Rollout:
     """Sample up to `max_new_tokens` per row from `model` (temperature 0: greedy)."""
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         tokens, logprobs, finished = _generate(model, prompt_ids, prompt_mask, max_new_tokens, eos_token_id,
                                                pad_token_id, temperature, top_p, generator)
-    finally:
-        model.train(was_training)
     return Rollout(prompt_ids, prompt_mask, tokens, _response_mask(tokens, eos_token_id), logprobs, finished)
 
 

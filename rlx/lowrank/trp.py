@@ -115,7 +115,6 @@ class TRP(Hook):
         self.export_threshold, self.export = export_threshold, export
         self.layers: dict = {}
         self._subgradients: dict[str, torch.Tensor] = {}  # U_r V_rᵀ of this step's substitution
-        self.metrics: dict = {}
 
     # ------------------------------------------------------------------ events
 

@@ -101,7 +101,6 @@ class _Quantizer(Hook):
         self.generator = torch.Generator()
         self.generator.manual_seed(seed)
         self.layers: dict = {}
-        self.metrics: dict = {}
         self._reported = False
 
     def _targets(self, state) -> list:

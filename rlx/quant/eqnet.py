@@ -376,7 +376,6 @@ class EQNet(Hook):
         self.generator = torch.Generator().manual_seed(seed)
         self.layers: dict[str, ElasticQuantLinear] = {}
         self.optimizer: torch.optim.Optimizer | None = None
-        self.metrics: dict = {}
         self._resumed: dict | None = None
         self._kd: list[Tensor] = []
         self._bits: list[float] = []

@@ -299,7 +299,6 @@ class RobustnessProbe(Hook):
                            f"max_length={max_length} >= 2")
         IntN(bits, group_size=0)  # validates bits
         self.every, self.bits, self.samples, self.max_length, self.split = every, bits, samples, max_length, split
-        self.metrics: dict[str, float] = {}
         self._measured_at: int | None = None
 
     def measure(self, state) -> None:

@@ -90,7 +90,6 @@ class QAT(Hook):
         self.skip, self.enabled, self.export = tuple(skip), enabled, export
         self.switch: int | None = None
         self.layers: dict = {}
-        self.metrics: dict = {}
 
     # ------------------------------------------------------------------ events
 
