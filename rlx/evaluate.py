@@ -1,7 +1,8 @@
 """Held-out evaluation: accuracy and response length from greedy generation (prompt tasks),
-loss and perplexity from teacher forcing (every task).
+loss and perplexity from teacher forcing (every task), sampled answers for pass@k, and the
+standard errors the benchmarks report.
 
-Used by the loop every `trainer.eval_every` steps and by `rlx eval`.
+Used by the loop every `trainer.eval_every` steps, by `rlx eval` and by scripts/bench_*.py.
 """
 from __future__ import annotations
 
@@ -10,6 +11,45 @@ import math
 import torch
 
 from rlx.data.collate import lm_batch, prompt_batch, token_nll
+from rlx.rollout import sample
+
+# ---------------------------------------------------------------------------- statistics
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The unbiased pass@k estimate from n samples of which c are correct (Chen et al. 2021):
+    1 - C(n-c, k) / C(n, k), the chance that k samples drawn without replacement hold a correct one."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n; got n={n}, c={c}, k={k}")
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def mean_pass_at_k(correct: list[list[bool]], k: int) -> float:
+    """pass@k averaged over problems; `correct` holds each problem's samples."""
+    return sum(pass_at_k(len(s), sum(s), k) for s in correct) / len(correct)
+
+
+def mean_se(values: list[float]) -> tuple[float, float]:
+    """The mean and its standard error sd / sqrt(n) (sample sd, n - 1); the error is nan below 2 values."""
+    n = len(values)
+    m = sum(values) / n
+    if n < 2:
+        return m, float("nan")
+    return m, math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1) / n)
+
+
+def proportion_se(p: float, n: int) -> float:
+    """The binomial standard error of a proportion p measured on n trials: sqrt(p (1 - p) / n)."""
+    return math.sqrt(p * (1 - p) / n)
+
+
+def paired_difference(before: list[bool], after: list[bool]) -> tuple[float, float]:
+    """The mean per-item change (after - before) and its standard error: much tighter than two
+    independent accuracies' when most items come out alike."""
+    return mean_se([float(a) - float(b) for b, a in zip(before, after, strict=True)])
+
+
+# ---------------------------------------------------------------------------- generation
 
 
 @torch.no_grad()
@@ -52,6 +92,28 @@ def answers(model, tokenizer, task, examples: list[dict], batch_size: int, max_n
         correct += [task.score(t, ex) for t, ex in zip(texts, chunk)]
         lengths += lens
     return correct, lengths
+
+
+@torch.no_grad()
+def sampled_answers(model, tokenizer, task, examples: list[dict], samples: int, max_new_tokens: int,
+                    temperature: float = 1.0, seed: int = 1234, batch_size: int = 256) -> dict:
+    """`samples` sampled answers to each example (`rlx.rollout.sample` at `temperature`, one seeded
+    generator for the whole pass): per example, whether each is correct (task.score), the texts and
+    the lengths in tokens (EOS included). `mean_pass_at_k(out["correct"], 1)` is the sampled accuracy."""
+    rows = [ex for ex in examples for _ in range(samples)]
+    generator = torch.Generator(device=model.device).manual_seed(seed)
+    texts, lengths = [], []
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i : i + batch_size]
+        batch = prompt_batch([ex["prompt"] for ex in chunk], tokenizer, model.device)
+        rollout = sample(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=max_new_tokens,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         temperature=temperature, generator=generator)
+        texts += tokenizer.batch_decode(rollout.response_ids, skip_special_tokens=True)
+        lengths += rollout.lengths.tolist()
+    correct = [task.score(t, ex) for t, ex in zip(texts, rows, strict=True)]
+    group = lambda xs: [xs[i : i + samples] for i in range(0, len(xs), samples)]
+    return {"correct": group(correct), "texts": group(texts), "lengths": group(lengths)}
 
 
 @torch.no_grad()
