@@ -1,7 +1,7 @@
 """`rlx merge`: write DLER's update-selective merge of two checkpoints as a new checkpoint.
 
-The math is `rlx.algorithms.dler.merge_updates`; this module reads the two checkpoints'
-safetensors, merges file by file (so sharded checkpoints keep their index), copies the tuned
+`merge_updates` is the math (DLER's update-selective merging; see `rlx.algorithms.dler`); the
+rest reads the two checkpoints' safetensors, merges file by file (so sharded checkpoints keep their index), copies the tuned
 checkpoint's config and tokenizer, and writes everything under a temporary name that is renamed
 into place only when complete.
 """
@@ -11,13 +11,43 @@ import os
 import shutil
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file, save_file
+from torch import Tensor
 
-from rlx.algorithms.dler import merge_updates
 from rlx.errors import RlxError
 from rlx.state import find_checkpoint
 
 SKIPPED = {"trainer_state.pt"}  # optimizer and data state belong to the run, not to the merged model
+
+
+def merge_updates(base: dict[str, Tensor], tuned: dict[str, Tensor], keep: float = 0.25,
+                  scale: float = 0.7) -> dict[str, Tensor]:
+    """theta_base + scale * (Delta where |Delta| is among each tensor's top `keep` fraction).
+
+    Ties at the threshold are kept whole, so a tensor keeps at least ceil(keep * numel) entries;
+    `keep=1, scale=1` returns `tuned`, `keep=0` returns `base`."""
+    if not 0.0 <= keep <= 1.0:
+        raise RlxError(f"merge keep={keep} must be a fraction in [0, 1]")
+    if set(base) != set(tuned):
+        raise RlxError("the two models have different parameters: merge checkpoints of the same architecture")
+    merged = {}
+    for name, b in base.items():
+        t = tuned[name]
+        if t.shape != b.shape:
+            raise RlxError(f"parameter {name} has shape {tuple(t.shape)} in one model and {tuple(b.shape)} in the other")
+        if not b.is_floating_point():
+            merged[name] = t.clone()
+            continue
+        delta = t.float() - b.float()
+        k = int(torch.ceil(torch.tensor(keep * delta.numel())).item())
+        if k == 0:
+            merged[name] = b.clone()
+            continue
+        threshold = delta.abs().flatten().kthvalue(delta.numel() - k + 1).values
+        selected = delta * (delta.abs() >= threshold)
+        merged[name] = (b.float() + scale * selected).to(b.dtype)
+    return merged
 
 
 def _weights(folder: Path) -> dict[str, dict]:

@@ -24,7 +24,7 @@ not say; rlx generates with the full budget, computes c_q from the checker on th
 zeroes the reward of every rollout longer than its prompt's budget (an interpretation). The
 paper runs it as 150 more steps after DLER; here it is a switch, so either schedule works.
 
-Update-selective merging (`merge_updates`, `rlx merge`): theta_base + scale * TopK_keep(|Delta|)
+Update-selective merging (`rlx.merge.merge_updates`, `rlx merge`): theta_base + scale * TopK_keep(|Delta|)
 * Delta, Delta = theta_DLER - theta_base, keeping the `keep` largest-magnitude entries of each
 tensor (the paper: 25%, scale 0.7; per-tensor ranking is rlx's reading of "TIES-inspired").
 
@@ -44,7 +44,6 @@ with them ~66 (the paper's 4000 against R1's 7-10k). Deviations, on purpose:
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from rlx.algorithms._sampling import Scored
@@ -62,35 +61,6 @@ def truncation_rewards(rewards: Tensor, correct: Tensor, lengths: Tensor, finish
     ratio = correct.float().view(-1, group_size).mean(1).repeat_interleave(group_size)
     over = (ratio >= easy_threshold) & (lengths > easy_budget)
     return gated.masked_fill(over, 0.0)
-
-
-def merge_updates(base: dict[str, Tensor], tuned: dict[str, Tensor], keep: float = 0.25,
-                  scale: float = 0.7) -> dict[str, Tensor]:
-    """theta_base + scale * (Delta where |Delta| is among each tensor's top `keep` fraction).
-
-    Ties at the threshold are kept whole, so a tensor keeps at least ceil(keep * numel) entries;
-    `keep=1, scale=1` returns `tuned`, `keep=0` returns `base`."""
-    if not 0.0 <= keep <= 1.0:
-        raise RlxError(f"merge keep={keep} must be a fraction in [0, 1]")
-    if set(base) != set(tuned):
-        raise RlxError("the two models have different parameters: merge checkpoints of the same architecture")
-    merged = {}
-    for name, b in base.items():
-        t = tuned[name]
-        if t.shape != b.shape:
-            raise RlxError(f"parameter {name} has shape {tuple(t.shape)} in one model and {tuple(b.shape)} in the other")
-        if not b.is_floating_point():
-            merged[name] = t.clone()
-            continue
-        delta = t.float() - b.float()
-        k = int(torch.ceil(torch.tensor(keep * delta.numel())).item())
-        if k == 0:
-            merged[name] = b.clone()
-            continue
-        threshold = delta.abs().flatten().kthvalue(delta.numel() - k + 1).values
-        selected = delta * (delta.abs() >= threshold)
-        merged[name] = (b.float() + scale * selected).to(b.dtype)
-    return merged
 
 
 class DLER(GRPO):

@@ -5,10 +5,11 @@ import torch
 from typer.testing import CliRunner
 
 from rlx.algorithms._rl import clipped_policy_loss, group_advantages, whiten
-from rlx.algorithms.dler import DLER, merge_updates, truncation_rewards
+from rlx.algorithms.dler import DLER, truncation_rewards
 from rlx.algorithms.grpo import GRPO
 from rlx.cli import app
 from rlx.errors import RlxError
+from rlx.merge import merge_updates
 from rlx.models import tiny
 from rlx.rewards import WeightedSum
 from rlx.state import TrainState
