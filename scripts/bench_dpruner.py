@@ -16,22 +16,8 @@ docs/dpruner.png.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import sys
-import tempfile
-from pathlib import Path
+from rlx.benchmark import Bench, compressed, keep, pyplot, upsert
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _results import ROOT, record, save_figure  # noqa: E402
-from _results import publish as write_results  # noqa: E402
-
-from rlx.config import compose_config  # noqa: E402
-from rlx.tasks import run_prune  # noqa: E402
-
-HEADING = "## Domain pruning (bench_dpruner)"
-OUT = ROOT / "docs" / "results" / "bench_dpruner.json"
 COMMON = ["model=smollm2", "data.prompt_style=question", "calib.general=shakespeare", "calib.samples=32",
           "calib.batch_size=8", "calib.max_length=256", "eval.samples=64", "eval.batch_size=16",
           "eval.max_new_tokens=96", "eval.max_length=384", "progress=false"]
@@ -44,18 +30,25 @@ RUNS = {
     "dpruner_lam10": ["method=dpruner", "method.lam=10"],
 }
 KEEP = ("sparsity", "prune_s", "eval/accuracy", "eval/perplexity", "general/perplexity")
+QUICK = ["calib.samples=4", "eval.samples=4", "eval.max_new_tokens=16"]
+bench = Bench(__doc__, "## Domain pruning (bench_dpruner)", runs=RUNS, quick={"runs": ["dense", "magnitude"]})
 
 
-def run(name: str) -> dict:
-    cfg = compose_config("prune", [*COMMON, *RUNS[name]])
-    with tempfile.TemporaryDirectory() as tmp:
-        s = run_prune(cfg, Path(tmp))
-    return {"run": name, "overrides": RUNS[name], **{k: s[k] for k in KEEP if k in s}}
+def measure(args) -> dict:
+    runs = bench.load().get("runs", [])
+    for name in args.runs:
+        summary = compressed("prune", [*COMMON, *RUNS[name], *(QUICK if args.quick else [])])
+        r = {"run": name, "overrides": RUNS[name], **keep(summary, KEEP)}
+        print(f"{name}: accuracy {r['eval/accuracy']:.3f} domain ppl {r['eval/perplexity']:.3f} "
+              f"general ppl {r['general/perplexity']:.2f}", flush=True)
+        runs = sorted(upsert(runs, r, "run"), key=lambda x: list(RUNS).index(x["run"]) if x["run"] in RUNS else len(RUNS))
+        result = bench.record(runs=runs)
+    return result
 
 
 def render(result: dict) -> str:
     m = result["machine"]
-    lines = [HEADING, "",
+    lines = [bench.heading, "",
              f"`make bench-dpruner` (`{result['command']}`) on {m['cpu']} ({m['cpu_count']} cores), {result['date']}. "
              "SmolLM2-135M-Instruct pruned to 50% per layer; 32 calibration examples of each set (256 tokens); "
              "domain = the reasoning task (question prompts, 64 validation problems), general = held-out "
@@ -70,12 +63,7 @@ def render(result: dict) -> str:
 
 
 def plot(result: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    fig, ax = pyplot().subplots(figsize=(6, 4.5))
     for r in result["runs"]:
         ax.scatter(r["general/perplexity"], r["eval/perplexity"], s=40)
         ax.annotate(r["run"], (r["general/perplexity"], r["eval/perplexity"]), fontsize=8,
@@ -85,33 +73,8 @@ def plot(result: dict) -> None:
     ax.set_ylabel("domain perplexity (reasoning task)")
     ax.set_title("SmolLM2-135M at 50% sparsity: lower left is better")
     ax.grid(alpha=0.3)
-    save_figure(fig, "dpruner.png")
-
-
-def publish(result: dict) -> None:
-    plot(result)
-    write_results(HEADING, render(result))
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
-    parser.add_argument("--report", action="store_true", help="only rewrite the table and plot from the JSON")
-    args = parser.parse_args()
-    if args.report:
-        publish(json.loads(OUT.read_text()))
-        return
-    runs = json.loads(OUT.read_text())["runs"] if OUT.exists() else []
-    result = {}
-    for name in args.runs:
-        r = run(name)
-        print(f"{name}: accuracy {r['eval/accuracy']:.3f} domain ppl {r['eval/perplexity']:.3f} "
-              f"general ppl {r['general/perplexity']:.2f}", flush=True)
-        runs = [x for x in runs if x["run"] != name] + [r]
-        runs.sort(key=lambda x: list(RUNS).index(x["run"]) if x["run"] in RUNS else len(RUNS))
-        result = record(OUT, runs=runs)
-    publish(result)
+    bench.save_figure(fig, "dpruner.png")
 
 
 if __name__ == "__main__":
-    main()
+    bench.main(measure, render, plot)

@@ -24,24 +24,8 @@ Writes docs/results/bench_optim.json (kept across invocations with the same step
 """
 from __future__ import annotations
 
-import argparse
-import json
-import math
-import sys
-import tempfile
-import time
-from pathlib import Path
+from rlx.benchmark import Bench, keep, metric, pyplot, trained, upsert
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _results import ROOT, record, save_figure  # noqa: E402
-from _results import publish as write_results  # noqa: E402
-
-from rlx.config import compose_config  # noqa: E402
-from rlx.tasks import run_training  # noqa: E402
-
-HEADING = "## Memory-efficient optimizers (bench_optim)"
-OUT = ROOT / "docs" / "results" / "bench_optim.json"
 LENGTH = 256
 PRETRAIN = ["model=tiny", "data=shakespeare", "algo=sft", f"algo.max_length={LENGTH}",
             f"trainer.eval_max_length={LENGTH}", "trainer.micro_batch_size=8", "trainer.eval_every=0",
@@ -91,27 +75,41 @@ KEEP = ("memory/optimizer_MB", "memory/held_MB", "memory/weights_MB", "memory/st
         "eval/loss", "eval/perplexity", "eval/accuracy", "params_M")
 
 
+bench = Bench(__doc__, "## Memory-efficient optimizers (bench_optim)", runs=RUNS,
+              quick={"runs": ["adamw", "frugal_svd", "ft_base"], "steps": 20, "finetune_steps": 5})
+bench.option("--steps", type=int, default=500, help="pretraining steps")
+bench.option("--finetune-steps", type=int, default=300)
+
+
 def run(name: str, steps: int) -> dict:
     base = FINETUNE if name in FINETUNE_RUNS else PRETRAIN
-    cfg = compose_config("train", [*base, *RUNS[name], f"trainer.max_steps={steps}"])
-    t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        summary = run_training(cfg, Path(tmp))
-        rows = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
-    return {"name": name, "overrides": RUNS[name], "steps": steps, "wall_s": time.perf_counter() - t0,
-            "step_s": summary["train/time_s"] / steps, **{k: summary[k] for k in KEEP if k in summary},
-            **{k: summary[k] for k in summary if k.startswith("trp/export")},
-            "curve": [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]}
+    with trained([*base, *RUNS[name], f"trainer.max_steps={steps}"]) as t:
+        s = t.summary
+        return {"name": name, "overrides": RUNS[name], "steps": steps, "wall_s": s["wall_time_s"],
+                "step_s": s["train/time_s"] / steps, **keep(s, KEEP), **keep(s, [k for k in s if k.startswith("trp/export")]),
+                "curve": metric(t.rows, "train/loss", steps=True)}
+
+
+def measure(args) -> dict:
+    runs = bench.earlier(steps=args.steps).get("runs", [])
+    for name in args.runs:
+        r = run(name, (1 if name == "ft_base" else args.finetune_steps) if name in FINETUNE_RUNS else args.steps)
+        print(f"{name}: ppl {perplexity(r):.2f} acc {metric(r, 'eval/accuracy'):.3f} "
+              f"state {r['memory/optimizer_MB']:.2f} MB peak {r['memory/step_peak_MB']:.1f} MB "
+              f"{r['step_s']:.3f} s/step", flush=True)
+        runs = sorted(upsert(runs, r, "name"), key=lambda x: list(RUNS).index(x["name"]))
+        result = bench.record(steps=args.steps, runs=runs)
+    return result
 
 
 def perplexity(r: dict) -> float:
-    return r.get("eval/perplexity", math.exp(r["eval/loss"]))
+    return metric(r, "eval/perplexity")
 
 
 def render(result: dict) -> str:
     runs = {r["name"]: r for r in result["runs"]}
     m = result["machine"]
-    lines = [HEADING, "",
+    lines = [bench.heading, "",
              f"`make bench-optim` (runs kept across invocations with the same steps; the last: `{result['command']}`) "
              f"on {m['cpu']} ({m['cpu_count']} cores), {result['date']}."]
     base = runs.get("adamw")
@@ -144,8 +142,8 @@ def render(result: dict) -> str:
                   "| run | accuracy | val loss | trainable M | optimizer MB | held MB | step peak MB | step s |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for r in ft:
-            lines.append(f"| `{r['name']}` | {r.get('eval/accuracy', float('nan')):.3f} | {r['eval/loss']:.3f} | "
-                         f"{r.get('params_M', 0):.3f} | {r['memory/optimizer_MB']:.2f} | {r['memory/held_MB']:.2f} | "
+            lines.append(f"| `{r['name']}` | {metric(r, 'eval/accuracy'):.3f} | {r['eval/loss']:.3f} | "
+                         f"{metric(r, 'params_M', 0):.3f} | {r['memory/optimizer_MB']:.2f} | {r['memory/held_MB']:.2f} | "
                          f"{r['memory/step_peak_MB']:.1f} | {r['step_s']:.3f} |")
     lines += ["", "Overrides per run: " + "; ".join(f"`{r['name']}`: `{' '.join(r['overrides'])}`"
                                                    for r in result["runs"]) + "."]
@@ -153,15 +151,10 @@ def render(result: dict) -> str:
 
 
 def plot(result: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     pre = [r for r in result["runs"] if r["name"] in PRETRAIN_RUNS]
     if not pre:
         return
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = pyplot().subplots(figsize=(7, 4.5))
     for r in pre:
         peer = r["name"] in ("galore_torch", "fira_package", "adamw8bit_bnb", "adamw8bit_torchao")
         ax.scatter(r["memory/optimizer_MB"], perplexity(r), marker="s" if peer else "o", s=36)
@@ -171,35 +164,8 @@ def plot(result: dict) -> None:
     ax.set_ylabel("validation perplexity")
     ax.set_title(f"model=tiny, {result['steps']} steps on shakespeare (squares: peer libraries)")
     ax.grid(alpha=0.3)
-    save_figure(fig, "optim_pareto.png")
-
-
-def publish(result: dict) -> None:
-    plot(result)
-    write_results(HEADING, render(result))
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
-    parser.add_argument("--steps", type=int, default=500, help="pretraining steps")
-    parser.add_argument("--finetune-steps", type=int, default=300)
-    parser.add_argument("--report", action="store_true", help="only rewrite the tables and plot from the JSON")
-    args = parser.parse_args()
-    if args.report:
-        publish(json.loads(OUT.read_text()))
-        return
-    earlier = json.loads(OUT.read_text()) if OUT.exists() else {}
-    runs = earlier.get("runs", []) if earlier.get("steps") == args.steps else []
-    for name in args.runs:
-        r = run(name, (1 if name == "ft_base" else args.finetune_steps) if name in FINETUNE_RUNS else args.steps)
-        print(f"{name}: ppl {perplexity(r):.2f} acc {r.get('eval/accuracy', float('nan')):.3f} "
-              f"state {r['memory/optimizer_MB']:.2f} MB peak {r['memory/step_peak_MB']:.1f} MB "
-              f"{r['step_s']:.3f} s/step", flush=True)
-        runs = [x for x in runs if x["name"] != name] + [r]
-        result = record(OUT, steps=args.steps, runs=sorted(runs, key=lambda x: list(RUNS).index(x["name"])))
-    publish(result)
+    bench.save_figure(fig, "optim_pareto.png")
 
 
 if __name__ == "__main__":
-    main()
+    bench.main(measure, render, plot)

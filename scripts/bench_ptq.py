@@ -19,23 +19,11 @@ and docs/ptq_bits.png.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import sys
-import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rlx.benchmark import Bench, compressed, keep, pyplot, upsert
+from rlx.paths import cache_dir
 
-from _results import ROOT, record, save_figure  # noqa: E402
-from _results import publish as write_results  # noqa: E402
-
-from rlx.config import compose_config  # noqa: E402
-from rlx.paths import cache_dir  # noqa: E402
-from rlx.tasks import run_prune, run_quantize, run_training  # noqa: E402
-
-HEADING = "## Post-training quantization (bench_ptq)"
-OUT = ROOT / "docs" / "results" / "bench_ptq.json"
 METHODS = ("rtn", "gptq", "baq", "hqq")
 PRUNINGS = {"magnitude_50": ["method=magnitude", "sparsity=0.5"], "wanda_50": ["method=wanda", "sparsity=0.5"],
             "magnitude_2:4": ["method=magnitude", "n_m=[2,4]"], "wanda_2:4": ["method=wanda", "n_m=[2,4]"]}
@@ -48,10 +36,23 @@ MODELS = {
                 "eval.samples=64", "eval.batch_size=16", "eval.max_length=256"],
 }
 METRIC = {"tiny_lm": "eval/perplexity", "tiny_sft": "eval/accuracy", "smollm2": "eval/perplexity"}
+KEEP = ("average_bits", "packed_MB", "mean_relative_error", "quantize_s", "sparsity", "prune_s", "eval/loss",
+        "eval/perplexity", "eval/accuracy")
+QUICK = ["calib.samples=8", "eval.samples=8"]
+bench = Bench(__doc__, "## Post-training quantization (bench_ptq)",
+              quick={"models": ["tiny_sft"], "bits": [4], "methods": ["rtn", "gptq"], "skip_prune": True})
+bench.option("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+bench.option("--bits", nargs="+", type=int, default=[2, 3, 4])
+bench.option("--methods", nargs="*", default=list(METHODS), choices=list(METHODS),
+             help="quantization methods (none: pruning only); rtn adds the fp row")
+bench.option("--skip-prune", action="store_true", help="no pruning rows")
 
 
 def tiny_lm() -> Path:
     """The tiny model pretrained on Shakespeare (cached): the LM the perplexity rows quantize."""
+    from rlx.config import compose_config
+    from rlx.tasks import run_training
+
     path = cache_dir() / "models" / "tiny-shakespeare"
     if not (path / "checkpoints" / "last").exists():
         run_training(compose_config("train", [
@@ -68,28 +69,33 @@ def source(model: str) -> str:
     return f"checkpoint={tiny_lm() if model == 'tiny_lm' else cache_dir() / 'models' / 'tiny-sft'}"
 
 
-def run(model: str, method: str, bits: int) -> dict:
-    cfg = compose_config("quantize", [source(model), *MODELS[model], f"method={method}",
-                                      f"bits={bits}", "progress=false"])
-    with tempfile.TemporaryDirectory() as tmp:
-        s = run_quantize(cfg, Path(tmp))
-    keep = ("average_bits", "packed_MB", "mean_relative_error", "quantize_s", "eval/loss", "eval/perplexity",
-            "eval/accuracy")
-    return {"model": model, "method": method, "bits": bits, **{k: s[k] for k in keep if k in s}}
-
-
-def run_pruning(model: str, name: str) -> dict:
-    cfg = compose_config("prune", [source(model), *MODELS[model], *PRUNINGS[name], "progress=false"])
-    with tempfile.TemporaryDirectory() as tmp:
-        s = run_prune(cfg, Path(tmp))
-    keep = ("sparsity", "mean_relative_error", "prune_s", "eval/loss", "eval/perplexity", "eval/accuracy")
-    return {"model": model, "pruning": name, **{k: s[k] for k in keep if k in s}}
+def measure(args) -> dict:
+    earlier = bench.load()
+    runs, pruning = earlier.get("runs", []), earlier.get("pruning", [])
+    result = {**earlier, "runs": runs, "pruning": pruning}
+    quick = QUICK if args.quick else []
+    for model in args.models:
+        common = [source(model), *MODELS[model], "progress=false", *quick]
+        for name in [] if args.skip_prune else PRUNINGS:
+            r = {"model": model, "pruning": name, **keep(compressed("prune", [*common, *PRUNINGS[name]]), KEEP)}
+            print(f"{model} {name}: {METRIC[model]} {r[METRIC[model]]:.4g}", flush=True)
+            pruning = upsert(pruning, r, "model", "pruning")
+        result = bench.record(runs=runs, pruning=pruning)
+        fp = [("rtn", 16)] if "rtn" in args.methods else []
+        for method, bits in [*fp, *((m, b) for b in args.bits for m in args.methods)]:
+            s = compressed("quantize", [*common, f"method={method}", f"bits={bits}"])
+            r = {"model": model, "method": method, "bits": bits, **keep(s, KEEP)}
+            print(f"{model} {method} {bits}: {METRIC[model]} {r[METRIC[model]]:.4g} "
+                  f"error {r['mean_relative_error']:.2e}", flush=True)
+            runs = upsert(runs, r, "model", "method", "bits")
+            result = bench.record(runs=runs, pruning=pruning)
+    return result
 
 
 def render(result: dict) -> str:
     rows = result["runs"]
     m = result["machine"]
-    lines = [HEADING, "",
+    lines = [bench.heading, "",
              f"`make bench-ptq` (`{result['command']}`) on {m['cpu']} ({m['cpu_count']} cores), {result['date']}. "
              "Per-row grids; 128 calibration examples (SmolLM2: 16 Shakespeare chunks); `fp` is the model before "
              "quantization (RTN at 16 bits). "
@@ -117,12 +123,7 @@ def render(result: dict) -> str:
 
 
 def plot(result: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(MODELS), figsize=(5 * len(MODELS), 4))
+    fig, axes = pyplot().subplots(1, len(MODELS), figsize=(5 * len(MODELS), 4))
     for ax, model in zip(axes, MODELS):
         for method in METHODS:
             pts = sorted((r["bits"], r[METRIC[model]]) for r in result["runs"]
@@ -139,44 +140,8 @@ def plot(result: dict) -> None:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    save_figure(fig, "ptq_bits.png")
-
-
-def publish(result: dict) -> None:
-    plot(result)
-    write_results(HEADING, render(result))
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--bits", nargs="+", type=int, default=[2, 3, 4])
-    parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS),
-                        help="quantization methods (none: pruning only); rtn adds the fp row")
-    parser.add_argument("--skip-prune", action="store_true", help="no pruning rows")
-    parser.add_argument("--report", action="store_true", help="only rewrite the table and plot from the JSON")
-    args = parser.parse_args()
-    if args.report:
-        publish(json.loads(OUT.read_text()))
-        return
-    earlier = json.loads(OUT.read_text()) if OUT.exists() else {}
-    runs, pruning = earlier.get("runs", []), earlier.get("pruning", [])
-    result = {**earlier, "runs": runs, "pruning": pruning}
-    for model in args.models:
-        for name in [] if args.skip_prune else PRUNINGS:
-            r = run_pruning(model, name)
-            print(f"{model} {name}: {METRIC[model]} {r[METRIC[model]]:.4g}", flush=True)
-            pruning = [x for x in pruning if (x["model"], x["pruning"]) != (model, name)] + [r]
-        result = record(OUT, runs=runs, pruning=pruning)
-        fp = [("rtn", 16)] if "rtn" in args.methods else []
-        for method, bits in [*fp, *((m, b) for b in args.bits for m in args.methods)]:
-            r = run(model, method, bits)
-            print(f"{model} {method} {bits}: {METRIC[model]} {r[METRIC[model]]:.4g} "
-                  f"error {r['mean_relative_error']:.2e}", flush=True)
-            runs = [x for x in runs if (x["model"], x["method"], x["bits"]) != (model, method, bits)] + [r]
-            result = record(OUT, runs=runs, pruning=pruning)
-    publish(result)
+    bench.save_figure(fig, "ptq_bits.png")
 
 
 if __name__ == "__main__":
-    main()
+    bench.main(measure, render, plot)

@@ -23,25 +23,10 @@ Writes docs/results/bench_quant_train.json (kept across invocations with the sam
 """
 from __future__ import annotations
 
-import argparse
-import json
-import sys
-import tempfile
-import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rlx.benchmark import Bench, keep, metric, pyplot, trained, upsert
 
-from _results import ROOT, record, save_figure  # noqa: E402
-from _results import publish as write_results  # noqa: E402
-
-from rlx.config import build, compose_config  # noqa: E402
-from rlx.evaluate import evaluate  # noqa: E402
-from rlx.models import hf  # noqa: E402
-from rlx.tasks import run_training  # noqa: E402
-
-HEADING = "## Quantized training (bench_quant_train)"
-OUT = ROOT / "docs" / "results" / "bench_quant_train.json"
 EVAL = 128  # validation chunks of 1,024 characters
 LENGTH = 256  # tokens per sequence, in training and in evaluation (positions beyond it are never trained)
 
@@ -78,26 +63,39 @@ QAT_RUNS = {
 RUNS = {**ECO_RUNS, **LOW_LR, **QAT_RUNS}
 
 
-def curve(run_dir: Path) -> list[tuple[int, float]]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
+KEEP = ("memory/weights_MB", "memory/optimizer_MB", "memory/held_MB", "memory/scratch_MB", "train/tokens",
+        "qat/tokens_per_param_byte", "qat/fraction", "qat/planned_switch_step", "qat/switch_step")
+bench = Bench(__doc__, "## Quantized training (bench_quant_train)", runs=RUNS,
+              quick={"runs": ["none", "eco_fp8", "qat4_opt_fused"], "steps": 20})
+bench.option("--steps", type=int, default=500)
 
 
 def run(name: str, steps: int, task) -> dict:
-    cfg = compose_config("train", [*COMMON, *RUNS[name], f"trainer.max_steps={steps}"])
-    t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        summary = run_training(cfg, Path(tmp))
-        loss = summary["eval/loss"]
+    with trained([*COMMON, *RUNS[name], f"trainer.max_steps={steps}"]) as t:
+        loss = t.summary["eval/loss"]
         if name.startswith("qat"):  # the exported quantized model, whatever the phase reached
-            policy = hf(str(Path(tmp) / "quantized"), device="cpu")
+            from rlx.evaluate import evaluate
+            from rlx.models import hf
+
+            policy = hf(str(Path(t.dir) / "quantized"), device="cpu")
             loss = evaluate(policy.model, policy.tokenizer, task, "validation", EVAL, 16, 0, LENGTH)["eval/loss"]
-        points = curve(Path(tmp))
-    keep = ("memory/weights_MB", "memory/optimizer_MB", "memory/held_MB", "memory/scratch_MB", "train/tokens",
-            "qat/tokens_per_param_byte", "qat/fraction", "qat/planned_switch_step", "qat/switch_step")
-    return {"name": name, "overrides": RUNS[name], "steps": steps, "val_loss": loss,
-            "train_time_s": summary["train/time_s"], "wall_s": time.perf_counter() - t0,
-            **{k: summary[k] for k in keep if k in summary}, "curve": points}
+        return {"name": name, "overrides": RUNS[name], "steps": steps, "val_loss": loss,
+                "train_time_s": t.summary["train/time_s"], "wall_s": t.summary["wall_time_s"], **keep(t.summary, KEEP),
+                "curve": metric(t.rows, "train/loss", steps=True)}
+
+
+def measure(args) -> dict:
+    from rlx.config import build, compose_config
+
+    task = build(compose_config("train", COMMON).data)
+    runs = bench.earlier(steps=args.steps).get("runs", [])
+    for name in args.runs:
+        r = run(name, args.steps, task)
+        print(f"{name}: val loss {r['val_loss']:.4f}, held {metric(r, 'memory/held_MB', 0):.2f} MB "
+              f"({r['wall_s']:.0f} s)", flush=True)
+        runs = upsert(runs, r, "name")
+        result = bench.record(steps=args.steps, runs=runs)
+    return result
 
 
 ECO_HEAD = ["| run | val loss | Δ vs master | weights MB | optimizer MB | held MB | held vs none | scratch MB |",
@@ -123,7 +121,7 @@ def _eco_rows(runs: dict, names: dict, suffix: str) -> list[str]:
 
 def render(result: dict) -> str:
     runs = {r["name"]: r for r in result["runs"]}
-    lines = [HEADING, "",
+    lines = [bench.heading, "",
              f"`make bench-quant` (runs kept across invocations with the same steps; the last: `{result['command']}`) "
              f"on {result['machine']['cpu']} ({result['machine']['cpu_count']} cores), "
              f"{result['date']}. `model=tiny` pretrained on `data=shakespeare` for {result['steps']} steps "
@@ -155,13 +153,8 @@ def render(result: dict) -> str:
 
 
 def plot(result: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     runs = {r["name"]: r for r in result["runs"]}
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    fig, axes = pyplot().subplots(1, 2, figsize=(11, 4), sharey=True)
     for ax, fmt in zip(axes, ("fp8", "int4")):
         for name in ("none", f"master_{fmt}", f"eco_{fmt}", f"eco_{fmt}_sr", f"no_master_{fmt}", f"no_master_{fmt}_sr"):
             if name in runs:
@@ -172,34 +165,8 @@ def plot(result: dict) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     axes[0].set_ylabel("training loss")
-    save_figure(fig, "quant_train_loss.png")
-
-
-def publish(result: dict) -> None:
-    plot(result)
-    write_results(HEADING, render(result))
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
-    parser.add_argument("--steps", type=int, default=500)
-    parser.add_argument("--report", action="store_true", help="only rewrite the tables and plot from the JSON")
-    args = parser.parse_args()
-    if args.report:
-        publish(json.loads(OUT.read_text()))
-        return
-    task = build(compose_config("train", COMMON).data)
-    earlier = json.loads(OUT.read_text()) if OUT.exists() else {}
-    runs = earlier.get("runs", []) if earlier.get("steps") == args.steps else []
-    for name in args.runs:
-        r = run(name, args.steps, task)
-        print(f"{name}: val loss {r['val_loss']:.4f}, held {r.get('memory/held_MB', 0):.2f} MB "
-              f"({r['wall_s']:.0f} s)", flush=True)
-        runs = [x for x in runs if x["name"] != name] + [r]
-        result = record(OUT, steps=args.steps, runs=runs)
-    publish(result)
+    bench.save_figure(fig, "quant_train_loss.png")
 
 
 if __name__ == "__main__":
-    main()
+    bench.main(measure, render, plot)

@@ -1,0 +1,299 @@
+"""The harness every scripts/bench_*.py runs through: one command line, one writer of results.
+
+A benchmark declares its runs as data (name -> config overrides), measures them, and hands a
+`render(result) -> markdown` (and optionally a `plot(result)`) to `Bench.main`:
+
+    bench = Bench(__doc__, "## Domain pruning (bench_dpruner)", runs=RUNS)
+
+    def measure(args) -> dict:          # records after every run: nothing is lost if stopped
+        runs = bench.earlier().get("runs", [])
+        for name in args.runs:
+            runs = upsert(runs, {"run": name, ...}, "run")
+            result = bench.record(runs=runs)
+        return result
+
+    if __name__ == "__main__":
+        bench.main(measure, render, plot)
+
+Every benchmark takes the same flags:
+
+    --quick     a smoke test: the benchmark's small settings, written under outputs/bench-quick/
+                (results/<name>.json, RESULTS.md, plots), never over the published results
+    --report    measure nothing: re-render the RESULTS.md section (and plots) from the JSON
+    --out DIR   where results/<name>.json, RESULTS.md and the plots go (default docs/)
+    --runs ...  a subset of the declared runs, where the benchmark declares them
+
+`record` is the one writer of `<out>/results/<name>.json` (with the command, date and machine),
+`publish` of the benchmark's `## ` section of `<out>/RESULTS.md`; `metric` is how a benchmark reads
+a metric, from a run's summary, a kept record or a run folder's metrics.jsonl.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import math
+import os
+import platform
+import shlex
+import sys
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+QUICK = ROOT / "outputs" / "bench-quick"
+NAN = float("nan")
+
+
+# ---------------------------------------------------------------------------- metrics
+
+
+def metric(source, key: str, default=NAN, *, steps: bool = False):
+    """Read `key`. From a mapping (a run's summary, a kept record): its value, `eval/perplexity`
+    derived from `eval/loss` where only the loss was kept, else `default`. From a run folder or
+    its metrics.jsonl rows: every logged value in step order, as (step, value) pairs with `steps`."""
+    if isinstance(source, Mapping):
+        if key in source:
+            return source[key]
+        if key == "eval/perplexity" and "eval/loss" in source:
+            return math.exp(min(source["eval/loss"], 50.0))
+        return default
+    rows = read_rows(source) if isinstance(source, (str, Path)) else source
+    return [(r["step"], r[key]) if steps else r[key] for r in rows if key in r]
+
+
+def read_rows(run_dir: str | Path) -> list[dict]:
+    """A run folder's metrics.jsonl, one dict per logged step."""
+    from rlx.plots import read_metrics
+
+    return read_metrics(Path(run_dir))
+
+
+def keep(summary: Mapping, keys) -> dict:
+    """The metrics among `keys` that `summary` has (for a kept record)."""
+    return {k: summary[k] for k in keys if k in summary}
+
+
+def upsert(records: list[dict], new: dict, *key: str) -> list[dict]:
+    """`records` with `new` in place of an earlier record of the same `key` fields (appended)."""
+    same = lambda r: all(r.get(k) == new.get(k) for k in key)
+    return [r for r in records if not same(r)] + [new]
+
+
+# ---------------------------------------------------------------------------- runs
+
+
+@dataclass
+class Trained:
+    """A finished `rlx train` run in a temporary folder (gone after the `with` block)."""
+
+    dir: Path
+    summary: dict
+
+    @cached_property
+    def rows(self) -> list[dict]:
+        return read_rows(self.dir)
+
+    def policy(self):
+        """The final checkpoint, in float32 on the CPU."""
+        from rlx.models import hf
+        from rlx.state import find_checkpoint
+
+        return hf(str(find_checkpoint(self.dir)), dtype="float32", device="cpu")
+
+
+@contextlib.contextmanager
+def trained(overrides: list[str], quiet: bool = False):
+    """`rlx train <overrides>` into a temporary folder; `quiet` swallows its summary table (stderr)."""
+    from rlx.config import compose_config
+    from rlx.tasks import run_training
+
+    cfg = compose_config("train", list(overrides))
+    with tempfile.TemporaryDirectory() as tmp:
+        with contextlib.redirect_stderr(open(os.devnull, "w")) if quiet else contextlib.nullcontext():
+            summary = run_training(cfg, Path(tmp))
+        yield Trained(Path(tmp), summary)
+
+
+def compressed(kind: str, overrides: list[str]) -> dict:
+    """`rlx quantize` or `rlx prune` (`kind`) with `overrides` into a temporary folder: its summary."""
+    from rlx.config import compose_config
+    from rlx.tasks import run_prune, run_quantize
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return {"quantize": run_quantize, "prune": run_prune}[kind](compose_config(kind, list(overrides)), Path(tmp))
+
+
+# ---------------------------------------------------------------------------- provenance
+
+
+def machine(**extra) -> dict:
+    import torch
+    import transformers
+
+    cpu = platform.processor()
+    with contextlib.suppress(OSError, StopIteration):
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    return {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": "cuda: " + torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        **extra,
+    }
+
+
+def machine_line(m: dict, *, threads: bool = False, python: bool = False, libs=("torch",)) -> str:
+    """'AMD EPYC, 2 CPUs, cpu; torch 2.13.0+cpu', the form the RESULTS.md footers use."""
+    where = [m["cpu"], f"{m['cpu_count']} CPUs", *([f"{m['torch_threads']} torch threads"] if threads else []),
+             m["device"]]
+    versions = [*([f"Python {m['python']}"] if python else []), *(f"{lib} {m[lib]}" for lib in libs)]
+    return ", ".join(where) + "; " + ", ".join(versions)
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def command() -> str:
+    """How this process was started, as the results quote it: `python scripts/bench_x.py ...`."""
+    script = Path(sys.argv[0]).resolve()
+    shown = os.path.relpath(script, ROOT) if script.is_relative_to(ROOT) else sys.argv[0]
+    return shlex.join(["python", shown, *sys.argv[1:]])
+
+
+# ---------------------------------------------------------------------------- writing
+
+
+def write_section(path: Path, heading: str, section: str) -> None:
+    """Replace the section under `heading` (up to the next `## ` heading), leaving the rest alone."""
+    text = path.read_text() if path.exists() else "# Results\n"
+    lines = text.splitlines()
+    if heading in lines:
+        start = lines.index(heading)
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        lines[start:end] = [*section.splitlines(), ""]  # the blank line keeps the next heading apart
+    else:
+        lines += ["", *section.splitlines()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines).rstrip("\n") + "\n")
+
+
+def pyplot():
+    """matplotlib.pyplot drawing to files only."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+HARNESS_FLAGS = ("quick", "report", "out")
+
+
+class Bench:
+    """One benchmark's command line and results: see the module docstring."""
+
+    def __init__(self, doc: str, heading: str, *, name: str | None = None, runs: Mapping | None = None,
+                 quick: Mapping | None = None):
+        self.name = name or Path(sys.argv[0]).stem
+        self.heading, self.runs, self.quick_settings = heading, dict(runs or {}), dict(quick or {})
+        self.parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+        if self.runs:
+            self.parser.add_argument("--runs", nargs="+", default=list(self.runs), choices=list(self.runs),
+                                     help="which of the declared runs to measure (default: all)")
+        quick_help = ", ".join(f"{k}={v}" for k, v in self.quick_settings.items()) or "as declared"
+        self.parser.add_argument("--quick", action="store_true",
+                                 help=f"a smoke test ({quick_help}), written under {os.path.relpath(QUICK, ROOT)}/")
+        self.parser.add_argument("--report", action="store_true",
+                                 help="measure nothing: re-render the RESULTS.md section and plots from the JSON")
+        self.parser.add_argument("--out", type=Path, help="folder of results/<name>.json, RESULTS.md and the plots "
+                                 "(default docs/, or the quick folder with --quick)")
+        self.args: argparse.Namespace | None = None
+        self.dir = DOCS
+
+    def option(self, *args, **kwargs) -> Bench:
+        """A benchmark's own flag (argparse's add_argument)."""
+        self.parser.add_argument(*args, **kwargs)
+        return self
+
+    def parse(self, argv: list[str] | None = None) -> argparse.Namespace:
+        args = self.parser.parse_args(argv)
+        if args.quick:
+            for key, value in self.quick_settings.items():
+                setattr(args, key, value)
+        self.dir = args.out or (QUICK if args.quick else DOCS)
+        self.args = args
+        return args
+
+    def settings(self) -> dict:
+        """The benchmark's own flags as parsed (the harness's left out): what a result's config records."""
+        return {k: v for k, v in vars(self.args).items() if k not in HARNESS_FLAGS}
+
+    @property
+    def json_path(self) -> Path:
+        return self.dir / "results" / f"{self.name}.json"
+
+    @property
+    def results_path(self) -> Path:
+        return self.dir / "RESULTS.md"
+
+    def load(self) -> dict:
+        """The recorded results ({} where there are none yet)."""
+        return json.loads(self.json_path.read_text()) if self.json_path.exists() else {}
+
+    def earlier(self, **budget) -> dict:
+        """The recorded results if they were measured with the same `budget` fields, else {}: runs of
+        earlier invocations are kept only while they stay comparable."""
+        earlier = self.load()
+        return earlier if all(earlier.get(k) == v for k, v in budget.items()) else {}
+
+    def record(self, **fields) -> dict:
+        """Write `fields` to results/<name>.json with the command, date and machine; returns the result."""
+        result = {"command": command(), "date": now(), "machine": machine(), **fields}
+        self.json_path.parent.mkdir(parents=True, exist_ok=True)
+        self.json_path.write_text(json.dumps(result, indent=2) + "\n")
+        return result
+
+    def save_figure(self, fig, name: str) -> None:
+        """<out>/<name> at the resolution every benchmark plot uses; the figure is closed."""
+        fig.tight_layout()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        fig.savefig(self.dir / name, dpi=120)
+        pyplot().close(fig)
+
+    def publish(self, result: dict, render: Callable[[dict], str], plot: Callable[[dict], None] | None = None) -> str:
+        """Rewrite this benchmark's section of RESULTS.md (and its plots) from `result`; print it. A
+        `note` in the result (a caveat added by hand, e.g. that the figures predate a fix) comes first."""
+        section = render(result)
+        if result.get("note"):
+            heading, _, body = section.partition("\n\n")
+            section = f"{heading}\n\n{result['note']}\n\n{body}"
+        write_section(self.results_path, self.heading, section)
+        if plot:
+            plot(result)
+        print(section)
+        print(f"wrote {os.path.relpath(self.results_path, ROOT)} ({self.heading[3:]})", file=sys.stderr)
+        return section
+
+    def main(self, measure: Callable[[argparse.Namespace], dict], render: Callable[[dict], str],
+             plot: Callable[[dict], None] | None = None, argv: list[str] | None = None) -> dict:
+        """Parse the flags; measure (unless --report), then publish."""
+        args = self.parse(argv)
+        if args.report:
+            if not self.json_path.exists():
+                raise SystemExit(f"--report: no results at {self.json_path}")
+            result = self.load()
+        else:
+            result = measure(args)
+        self.publish(result, render, plot)
+        return result

@@ -1,0 +1,90 @@
+"""rlx.benchmark, the harness of scripts/bench_*.py: flags, the one writer of results, --report, metric."""
+import json
+import math
+
+import pytest
+
+from rlx.benchmark import Bench, metric, upsert, write_section
+
+HEADING = "## Toy (bench_toy)"
+
+
+def toy(out):
+    bench = Bench("A toy benchmark.", HEADING, name="bench_toy", runs={"a": ["x=1"], "b": ["x=2"]},
+                  quick={"steps": 1, "runs": ["a"]})
+    bench.option("--steps", type=int, default=10)
+    calls = []
+
+    def measure(args):
+        runs = bench.earlier(steps=args.steps).get("runs", [])
+        for name in args.runs:
+            calls.append(name)
+            runs = upsert(runs, {"name": name, "steps": args.steps, "eval/loss": 0.5}, "name")
+            result = bench.record(steps=args.steps, runs=runs)
+        return result
+
+    def render(result):
+        rows = [f"| {r['name']} | {metric(r, 'eval/perplexity'):.3f} |" for r in result["runs"]]
+        return "\n".join([HEADING, "", f"{result['steps']} steps.", "", "| run | ppl |", "|---|---:|", *rows, ""])
+
+    return bench, lambda *argv: bench.main(measure, render, argv=[*argv, "--out", str(out)]), calls
+
+
+def test_measure_record_publish_and_report(tmp_path):
+    (tmp_path / "RESULTS.md").write_text(f"# Results\n\n{HEADING}\n\nstale\n\n## Other\n\nkept\n")
+    bench, main, calls = toy(tmp_path)
+    main("--runs", "b")
+    main("--runs", "a")  # the same budget: b is kept, a joins it
+    result = json.loads((tmp_path / "results" / "bench_toy.json").read_text())
+    assert [r["name"] for r in result["runs"]] == ["b", "a"] and calls == ["b", "a"]
+    assert {"command", "date", "machine"} <= set(result) and result["command"].startswith("python ")
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "stale" not in text and f"| a | {math.exp(0.5):.3f} |" in text and text.endswith("## Other\n\nkept\n")
+    main("--report")  # measures nothing and renders the same section
+    assert calls == ["b", "a"] and (tmp_path / "RESULTS.md").read_text() == text
+    main("--runs", "a", "--steps", "3")  # another budget: the earlier runs are dropped
+    assert [r["name"] for r in json.loads(bench.json_path.read_text())["runs"]] == ["a"]
+
+
+def test_quick_takes_its_settings(tmp_path):
+    bench, main, calls = toy(tmp_path)
+    main("--quick")
+    assert calls == ["a"] and bench.args.steps == 1 and bench.settings() == {"runs": ["a"], "steps": 1}
+    assert "1 steps." in (tmp_path / "RESULTS.md").read_text()
+
+
+def test_quick_never_writes_the_published_results():
+    bench, *_ = toy(None)
+    bench.parse(["--quick"])
+    assert "outputs" in bench.json_path.parts and "docs" not in bench.json_path.parts
+    bench.parse([])
+    assert bench.results_path.parts[-2:] == ("docs", "RESULTS.md")
+
+
+def test_report_needs_results(tmp_path):
+    _, main, _ = toy(tmp_path)
+    with pytest.raises(SystemExit):
+        main("--report")
+
+
+def test_note_comes_after_the_heading(tmp_path):
+    bench, _, _ = toy(tmp_path)
+    bench.parse(["--out", str(tmp_path)])
+    bench.publish({"note": "**Stale:** rerun me.", "steps": 1, "runs": []},
+                  lambda r: f"{HEADING}\n\nbody\n")
+    assert f"{HEADING}\n\n**Stale:** rerun me.\n\nbody\n" in (tmp_path / "RESULTS.md").read_text()
+
+
+def test_write_section_appends_a_new_heading(tmp_path):
+    path = tmp_path / "R.md"
+    write_section(path, "## New", "## New\n\nrow\n")
+    assert path.read_text() == "# Results\n\n## New\n\nrow\n"
+
+
+def test_metric_reads_summaries_and_run_folders(tmp_path):
+    assert metric({"eval/loss": 0.0}, "eval/perplexity") == 1.0
+    assert math.isnan(metric({}, "eval/accuracy")) and metric({}, "params_M", 0) == 0
+    rows = [{"step": 1, "train/loss": 2.0}, {"step": 1, "eval/loss": 1.5}, {"step": 2, "train/loss": 1.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert metric(tmp_path, "train/loss") == [2.0, 1.0]
+    assert metric(rows, "train/loss", steps=True) == [(1, 2.0), (2, 1.0)]
