@@ -122,8 +122,8 @@ def trained(overrides: list[str], quiet: bool = False):
 
 def compressed(kind: str, overrides: list[str]) -> dict:
     """`rlx quantize` or `rlx prune` (`kind`) with `overrides` into a temporary folder: its summary."""
+    from rlx.compress.run import run_prune, run_quantize
     from rlx.config import compose_config
-    from rlx.tasks import run_prune, run_quantize
 
     with tempfile.TemporaryDirectory() as tmp:
         return {"quantize": run_quantize, "prune": run_prune}[kind](compose_config(kind, list(overrides)), Path(tmp))

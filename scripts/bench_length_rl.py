@@ -1,8 +1,9 @@
 """The accuracy-length frontier of the efficient-reasoning RL methods on the embedded task.
 
     make bench-length                                     # = python scripts/bench_length_rl.py; needs `make base`
-    python scripts/bench_length_rl.py --methods grpo dler --seeds 0 1 2
-    python scripts/bench_length_rl.py --methods ppo tppo  # the wall-clock comparison only
+    python scripts/bench_length_rl.py --runs grpo dler --seeds 0 1 2
+    python scripts/bench_length_rl.py --runs ppo tppo     # the wall-clock comparison only
+    python scripts/bench_length_rl.py --report            # re-render the tables and plots from the JSON
 
 Every run starts from the tiny SFT base (`make base`) with the same prompts per rollout, group
 size, learning rate, number of rollouts and seeds; only the method differs (METHODS below). After
@@ -23,32 +24,13 @@ docs/length_frontier.png and docs/tppo_wallclock.png.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import sys
-import tempfile
-import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rlx.benchmark import Bench, machine_line, metric, pyplot, trained, upsert
+from rlx.evaluate import mean_se
 
-from _results import RESULTS, ROOT, machine, now, write_section  # noqa: E402
-
-from rlx.config import build, compose_config  # noqa: E402
-from rlx.data.collate import prompt_batch  # noqa: E402
-from rlx.evaluate import answers  # noqa: E402
-from rlx.merge import merge_checkpoints  # noqa: E402
-from rlx.models import hf  # noqa: E402
-from rlx.paths import cache_dir  # noqa: E402
-from rlx.rollout import sample  # noqa: E402
-from rlx.state import find_checkpoint  # noqa: E402
-from rlx.tasks import run_training  # noqa: E402
-
-HEADING = "## Accuracy-length frontier (bench_length_rl)"
-OUT = ROOT / "docs" / "results" / "bench_length_rl.json"
 EVAL_SAMPLES, EVAL_BUDGET = 4, 128
 
 # What every GRPO-family run shares: prompts per rollout, group size 8, minibatches per rollout.
@@ -76,43 +58,41 @@ METHODS = {
 RL_PAIR = ("ppo", "tppo")
 
 
+bench = Bench(__doc__, "## Accuracy-length frontier (bench_length_rl)", runs=METHODS,
+              quick={"runs": ["grpo", "tppo"], "seeds": [0], "rollouts": 2})
+bench.option("--seeds", nargs="+", type=int, default=[0, 1, 2])
+bench.option("--rollouts", type=int, default=60, help="rollouts per run (same for every method)")
+bench.option("overrides", nargs="*", help="more config overrides for every run (after --)")
+
+
 @torch.no_grad()
 def sampled_eval(model, tokenizer, task, seed: int = 1234) -> dict:
     """pass@1 over EVAL_SAMPLES samples per validation problem at T = 1, and the response lengths."""
-    examples = [ex for ex in task.split("validation") for _ in range(EVAL_SAMPLES)]
-    generator = torch.Generator(device=model.device).manual_seed(seed)
-    texts, lengths = [], []
-    for i in range(0, len(examples), 256):
-        chunk = examples[i:i + 256]
-        batch = prompt_batch([ex["prompt"] for ex in chunk], tokenizer, model.device)
-        rollout = sample(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=EVAL_BUDGET,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                         temperature=1.0, generator=generator)
-        texts += tokenizer.batch_decode(rollout.response_ids, skip_special_tokens=True)
-        lengths += rollout.lengths.tolist()
-    correct = [task.score(t, ex) for t, ex in zip(texts, examples, strict=True)]
-    lengths_t = torch.tensor(lengths, dtype=torch.float32)
+    from rlx.evaluate import answers, sampled_answers
+
+    out = sampled_answers(model, tokenizer, task, task.split("validation"), EVAL_SAMPLES, EVAL_BUDGET, seed=seed)
+    correct = [c for group in out["correct"] for c in group]
+    texts = [t for group in out["texts"] for t in group]
+    lengths = torch.tensor([n for group in out["lengths"] for n in group], dtype=torch.float32)
     greedy, _ = answers(model, tokenizer, task, task.split("validation"), 64, EVAL_BUDGET)
     return {
         "accuracy": sum(correct) / len(correct),
-        "mean_len": lengths_t.mean().item(),
-        "p90_len": lengths_t.quantile(0.9).item(),
-        "tokens_per_correct": lengths_t.sum().item() / max(sum(correct), 1),
+        "mean_len": lengths.mean().item(),
+        "p90_len": lengths.quantile(0.9).item(),
+        "tokens_per_correct": lengths.sum().item() / max(sum(correct), 1),
         "recheck_rate": sum("check:" in t for t in texts) / len(texts),
         "greedy_accuracy": sum(greedy) / len(greedy),
     }
 
 
-def training_means(run_dir: Path) -> dict[str, float]:
+def training_means(rows: list[dict]) -> dict[str, float]:
     """Every training metric averaged over the run (e.g. how often DOT cut, DLER's all-zero groups)."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     keys = {k for r in rows for k, v in r.items() if isinstance(v, (int, float)) and "/" in k}
-    return {k: sum(r[k] for r in rows if k in r) / sum(k in r for r in rows) for k in sorted(keys)}
+    return {k: sum(metric(rows, k)) / len(metric(rows, k)) for k in sorted(keys)}
 
 
-def curve(run_dir: Path) -> list[dict]:
+def curve(rows: list[dict]) -> list[dict]:
     """Per logged step: cumulative wall-clock seconds (batch + update), training accuracy, tokens."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     out, clock = [], 0.0
     for r in rows:
         if "time/batch_s" not in r:
@@ -124,29 +104,41 @@ def curve(run_dir: Path) -> list[dict]:
 
 
 def run(method: str, seed: int, rollouts: int, overrides: list[str], task) -> dict:
+    from rlx.merge import merge_checkpoints
+    from rlx.models import hf
+    from rlx.paths import cache_dir
+
     # T-PPO's step is one window, in which ~2/3 of the pool finishes: 1.5 windows ~ one PPO rollout
     steps = int(rollouts * 1.5) if method == "tppo" else rollouts * MINIBATCHES
-    cfg = compose_config("train", [*COMMON, *METHODS[method], f"seed={seed}", f"trainer.max_steps={steps}", *overrides])
-    t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as run_dir:
-        summary = run_training(cfg, Path(run_dir))
-        trained = hf(str(find_checkpoint(run_dir)), dtype="float32", device="cpu")
-        result = sampled_eval(trained.model, trained.tokenizer, task)
+    with trained([*COMMON, *METHODS[method], f"seed={seed}", f"trainer.max_steps={steps}", *overrides]) as t:
+        trained_policy = t.policy()
+        result = sampled_eval(trained_policy.model, trained_policy.tokenizer, task)
         if method.startswith("dler"):  # DLER's update-selective merge into the base, as the paper's
-            merged = merge_checkpoints(cache_dir() / "models" / "tiny-sft", run_dir, Path(run_dir) / "merged")
+            merged = merge_checkpoints(cache_dir() / "models" / "tiny-sft", t.dir, t.dir / "merged")
             policy = hf(str(merged), dtype="float32", device="cpu")
             result["merged"] = sampled_eval(policy.model, policy.tokenizer, task)
-        points, means = curve(Path(run_dir)), training_means(Path(run_dir))
-    return {"method": method, "seed": seed, "rollouts": rollouts, "overrides": overrides, "steps": summary["steps"],
-            "train_time_s": summary["train/time_s"], "wall_s": time.perf_counter() - t0, **result, "curve": points,
-            "training_means": means}
+        return {"method": method, "seed": seed, "rollouts": rollouts, "overrides": overrides,
+                "steps": t.summary["steps"], "train_time_s": t.summary["train/time_s"],
+                "wall_s": t.summary["wall_time_s"], **result, "curve": curve(t.rows),
+                "training_means": training_means(t.rows)}
 
 
-def mean_se(values: list[float]) -> tuple[float, float]:
-    m = sum(values) / len(values)
-    if len(values) < 2:
-        return m, float("nan")
-    return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1) / len(values))
+def measure(args) -> dict:
+    from rlx.config import build, compose_config
+
+    cfg = compose_config("train", ["model=tiny_sft"])
+    policy, task = build(cfg.model), build(cfg.data)
+    base = sampled_eval(policy.model, policy.tokenizer, task)
+    # another budget or recipe: the earlier runs are not comparable
+    runs = bench.earlier(rollouts=args.rollouts, overrides=args.overrides).get("runs", [])
+    for seed in args.seeds:
+        for method in args.runs:
+            r = run(method, seed, args.rollouts, args.overrides, task)
+            print(f"{method} seed {seed}: acc {r['accuracy']:.3f} len {r['mean_len']:.1f} "
+                  f"({r['train_time_s']:.0f} s)", flush=True)
+            runs = upsert(runs, r, "method", "seed", "overrides")
+            result = bench.record(rollouts=args.rollouts, overrides=args.overrides, base=base, runs=runs)
+    return result
 
 
 def summarise(runs: list[dict]) -> dict[str, dict]:
@@ -199,7 +191,7 @@ def render(result: dict) -> str:
                     f"{fmt(s['recheck_rate'], '.1f', 100)}% | {fmt(s['greedy_accuracy'], '.1f', 100)}% | "
                     f"{s['train_time_s'][0] / 60:.1f} |")
     m = result["machine"]
-    lines = [HEADING, "",
+    lines = [bench.heading, "",
              f"From the tiny SFT base, {result['rollouts']} rollouts of {PROMPTS} prompts x 8 samples per run, "
              f"{MINIBATCHES} optimizer steps per rollout, lr 3e-5; evaluated on the 256 validation problems x "
              f"{EVAL_SAMPLES} samples at T = 1 (budget {EVAL_BUDGET}). Mean ± standard error over seeds. "
@@ -225,19 +217,14 @@ def render(result: dict) -> str:
               "What each method achieved against GRPO and the naive penalty, and why: "
               "[length_rl.md](length_rl.md#what-the-benchmark-shows). PPO and T-PPO training accuracy against "
               "wall-clock: [tppo_wallclock.png](tppo_wallclock.png).", "",
-              f"- Machine: {m['cpu']}, {m['cpu_count']} CPUs, {m['device']}; torch {m['torch']}.",
+              f"- Machine: {machine_line(m)}.",
               f"- Command: `{result['command']}` (last run {result['date']}).", ""]
     return "\n".join(lines)
 
 
 def plot(result: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     summary, base = summarise(result["runs"]), result["base"]
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    fig, ax = pyplot().subplots(figsize=(6.5, 4.5))
     ax.scatter([base["mean_len"]], [100 * base["accuracy"]], marker="*", s=150, color="black", label="SFT base")
     for method, s in summary.items():
         if method in RL_PAIR:
@@ -251,7 +238,7 @@ def plot(result: dict) -> None:
     _save(fig, ax, "length_frontier.png")
     curves = {m: [r for r in result["runs"] if r["method"] == m] for m in RL_PAIR}
     if all(curves.values()):
-        fig, ax = plt.subplots(figsize=(6.5, 4.5))
+        fig, ax = pyplot().subplots(figsize=(6.5, 4.5))
         for method, runs in curves.items():
             for r in runs:
                 pts = [p for p in r["curve"] if p["accuracy"] is not None]
@@ -265,53 +252,10 @@ def plot(result: dict) -> None:
 
 
 def _save(fig, ax, name: str) -> None:
-    import matplotlib.pyplot as plt
-
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(ROOT / "docs" / name, dpi=120)
-    plt.close(fig)
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--rollouts", type=int, default=60, help="rollouts per run (same for every method)")
-    parser.add_argument("--report", action="store_true", help="only rewrite the table and plots from the JSON")
-    parser.add_argument("overrides", nargs="*", help="more config overrides for every run (after --)")
-    args = parser.parse_args()
-    if args.report:
-        result = json.loads(OUT.read_text())
-        write_section(RESULTS, HEADING, render(result))
-        plot(result)
-        print(render(result))
-        return
-    cfg = compose_config("train", ["model=tiny_sft"])
-    policy, task = build(cfg.model), build(cfg.data)
-    base = sampled_eval(policy.model, policy.tokenizer, task)
-    earlier = json.loads(OUT.read_text()) if OUT.exists() else {}
-    if (earlier.get("rollouts"), earlier.get("overrides")) != (args.rollouts, args.overrides):
-        earlier = {}  # another budget or recipe: the earlier runs are not comparable
-    runs = earlier.get("runs", [])
-    key = lambda r: (r["method"], r["seed"], tuple(r["overrides"]))
-    for seed in args.seeds:
-        for method in args.methods:
-            r = run(method, seed, args.rollouts, args.overrides, task)
-            print(f"{method} seed {seed}: acc {r['accuracy']:.3f} len {r['mean_len']:.1f} "
-                  f"({r['train_time_s']:.0f} s)", flush=True)
-            runs = [x for x in runs if key(x) != key(r)] + [r]
-            result = {"date": now(), "machine": machine(), "rollouts": args.rollouts, "overrides": args.overrides,
-                      "base": base, "runs": runs,
-                      "command": " ".join(["python scripts/bench_length_rl.py", *sys.argv[1:]])}
-            OUT.parent.mkdir(parents=True, exist_ok=True)
-            OUT.write_text(json.dumps(result, indent=2) + "\n")  # after every run: nothing lost if stopped
-    section = render(result)
-    write_section(RESULTS, HEADING, section)
-    plot(result)
-    print(section)
+    bench.save_figure(fig, name)
 
 
 if __name__ == "__main__":
-    main()
+    bench.main(measure, render, plot)

@@ -3,11 +3,12 @@
     python scripts/bench_quant_robustness.py                      # adamw, sgd (+ lion with conf/optimizer/lion.yaml)
     python scripts/bench_quant_robustness.py --seeds 0 1 2        # more points: the correlations mean more
     python scripts/bench_quant_robustness.py --steps 20 --lr sgd=0.1 -- trainer.micro_batch_size=8
+    python scripts/bench_quant_robustness.py --report             # re-render the tables from the JSON
 
 Every run pretrains the default tiny model (model=tiny, its weights seeded by the run's seed)
 on the Shakespeare corpus (data=shakespeare, algo=sft) for the same number of steps; only the
 optimizer and its learning rate differ (about 15 minutes in all on 2 CPU cores by default). Each trained model is then measured on one fixed batch
-of validation text (rlx/quant/metrics.py): the W4A4 round-to-nearest relative error at the last
+of validation text (rlx/robustness.py): the W4A4 round-to-nearest relative error at the last
 block (R_L), the max-to-mean and max-to-median ratios and the kurtosis of the linear layers'
 inputs, the kurtosis of their weights, and the measured PTQ loss increase at W4A4 and W3A3.
 For each metric: the order it puts the runs in, the share of run pairs it orders as the measured
@@ -18,28 +19,12 @@ optimizers are kept when the budget is the same) and its section of docs/RESULTS
 """
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import sys
-import tempfile
-import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rlx.benchmark import Bench, machine_line, trained, upsert
+from rlx.errors import RlxError
+from rlx.paths import CONF_DIR
 
-from _results import RESULTS, ROOT, machine, now, write_section  # noqa: E402
-
-from rlx.config import build, compose_config  # noqa: E402
-from rlx.errors import RlxError  # noqa: E402
-from rlx.models import hf  # noqa: E402
-from rlx.paths import CONF_DIR  # noqa: E402
-from rlx.quant.metrics import calibration_batch, lm_loss, robustness_report  # noqa: E402
-from rlx.state import find_checkpoint  # noqa: E402
-from rlx.tasks import run_training  # noqa: E402
-
-HEADING = "## Quantization robustness across optimizers (bench_quant_robustness)"
-OUT = ROOT / "docs" / "results" / "bench_quant_robustness.json"
 MAX_LENGTH = 256  # algo=sft's: the calibration batch is as long as the training sequences
 # Tuned so each optimizer trains the tiny model reasonably in a couple of hundred steps.
 LR = {"adamw": 3e-3, "sgd": 0.3, "lion": 3e-4}
@@ -73,17 +58,44 @@ def parse_lrs(items: list[str], names: list[str]) -> dict[str, float]:
 
 def run(optimizer: str, lr: float, seed: int, steps: int, overrides: list[str], batch: dict) -> dict:
     """Pretrain one model, then measure it on `batch`."""
-    cfg = compose_config("train", [*COMMON, f"optimizer={optimizer}", f"optimizer.lr={lr}", f"seed={seed}",
-                                   f"model.seed={seed}", f"trainer.max_steps={steps}", *overrides])
-    t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as run_dir:
-        summary = run_training(cfg, Path(run_dir))
-        model = hf(str(find_checkpoint(run_dir)), dtype="float32", device="cpu").model.eval()
+    from rlx.robustness import lm_loss, robustness_report
+
+    with trained([*COMMON, f"optimizer={optimizer}", f"optimizer.lr={lr}", f"seed={seed}", f"model.seed={seed}",
+                  f"trainer.max_steps={steps}", *overrides]) as t:
+        model = t.policy().model.eval()
+        summary = t.summary
     report = robustness_report(model, batch, bits=4)
     report["ptq_loss_increase_3bit"] = lm_loss(model, batch, bits=3) - report["loss_fp"]
     return {"optimizer": optimizer, "lr": lr, "seed": seed, "train_loss": summary["train/loss"],
             "eval_loss": summary["eval/loss"], "train_time_s": summary["train/time_s"],
-            "wall_s": time.perf_counter() - t0, **report}
+            "wall_s": summary["wall_time_s"], **report}
+
+
+def measure(args) -> dict:
+    from rlx.config import build, compose_config
+    from rlx.robustness import calibration_batch
+
+    if min(args.steps, args.samples) < 1:
+        bench.parser.error("--steps and --samples must be >= 1")
+    try:
+        lrs = parse_lrs(args.lr, args.runs)
+    except RlxError as e:
+        bench.parser.error(str(e))
+    cfg = compose_config("train", [*COMMON, *args.overrides])
+    batch = calibration_batch(build(cfg.data).split("validation"), build(cfg.model).tokenizer, args.samples,
+                              MAX_LENGTH)
+    budget = {"steps": args.steps, "samples": args.samples, "overrides": args.overrides}
+    runs = bench.earlier(**budget).get("runs", [])
+    runs = [r for r in runs if lrs.get(r["optimizer"], r["lr"]) == r["lr"]]  # one learning rate per optimizer
+    for seed in args.seeds:
+        for opt in args.runs:
+            r = run(opt, lrs[opt], seed, args.steps, args.overrides, batch)
+            print(f"{opt} seed {seed}: eval loss {r['eval_loss']:.3f}, Δloss W4A4 {r['ptq_loss_increase']:+.4f}, "
+                  f"R_L {r['R_L']:.4f} ({r['train_time_s']:.0f} s)", flush=True)
+            runs = upsert(runs, r, "optimizer", "seed")
+            result = bench.record(**budget, lr={x["optimizer"]: x["lr"] for x in runs}, runs=runs,
+                                  predictors=predictors(runs))
+    return result
 
 
 def ranks(values: list[float]) -> list[float]:
@@ -138,7 +150,7 @@ def predictors(runs: list[dict]) -> list[dict]:
 def render(result: dict) -> str:
     runs, m = result["runs"], result["machine"]
     lrs = ", ".join(f"{k} {v:g}" for k, v in result["lr"].items())
-    lines = [HEADING, "",
+    lines = [bench.heading, "",
              f"The tiny model (model=tiny) pretrained on Shakespeare (data=shakespeare, algo=sft) for {result['steps']} "
              f"steps per run, learning rates {lrs}; measured on {result['samples']} fixed validation chunks "
              f"({MAX_LENGTH} tokens). Δloss is the next-token loss of the W{{b}}A{{b}} round-to-nearest model (decoder "
@@ -165,50 +177,20 @@ def render(result: dict) -> str:
     lines += ["", f"{n} runs are weak evidence: by chance alone, a metric puts the {n} runs in exactly the measured "
               f"order, or its reverse, with probability 2/{n}! = {2 / math.factorial(n):.0%}. "
               "More seeds (`--seeds 0 1 2`) give more points.", "",
-              f"- Machine: {m['cpu']}, {m['cpu_count']} CPUs, {m['device']}; torch {m['torch']}.",
+              f"- Machine: {machine_line(m)}.",
               f"- Command: `{result['command']}` ({result['date']}).", ""]
     return "\n".join(lines)
 
 
-def main() -> None:
-    names = optimizers()
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--optimizers", nargs="+", default=names, choices=names)
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
-    parser.add_argument("--steps", type=int, default=200, help="optimizer steps per run (same for every optimizer)")
-    parser.add_argument("--lr", nargs="+", default=[], metavar="NAME=LR",
-                        help=f"learning rates (defaults: {', '.join(f'{k}={v:g}' for k, v in LR.items())})")
-    parser.add_argument("--samples", type=int, default=16, help="validation chunks in the measured batch")
-    parser.add_argument("overrides", nargs="*", help="more config overrides for every run (after --)")
-    args = parser.parse_args()
-    if min(args.steps, args.samples) < 1:
-        parser.error("--steps and --samples must be >= 1")
-    try:
-        lrs = parse_lrs(args.lr, args.optimizers)
-    except RlxError as e:
-        parser.error(str(e))
-    cfg = compose_config("train", [*COMMON, *args.overrides])
-    batch = calibration_batch(build(cfg.data).split("validation"), build(cfg.model).tokenizer, args.samples,
-                              MAX_LENGTH)
-    budget = {"steps": args.steps, "samples": args.samples, "overrides": args.overrides}
-    earlier = json.loads(OUT.read_text()) if OUT.exists() else {}
-    runs = earlier.get("runs", []) if {k: earlier.get(k) for k in budget} == budget else []
-    runs = [r for r in runs if lrs.get(r["optimizer"], r["lr"]) == r["lr"]]  # one learning rate per optimizer
-    for seed in args.seeds:
-        for opt in args.optimizers:
-            r = run(opt, lrs[opt], seed, args.steps, args.overrides, batch)
-            print(f"{opt} seed {seed}: eval loss {r['eval_loss']:.3f}, Δloss W4A4 {r['ptq_loss_increase']:+.4f}, "
-                  f"R_L {r['R_L']:.4f} ({r['train_time_s']:.0f} s)", flush=True)
-            runs = [x for x in runs if (x["optimizer"], x["seed"]) != (opt, seed)] + [r]
-            result = {"date": now(), "machine": machine(), **budget,
-                      "lr": {x["optimizer"]: x["lr"] for x in runs}, "runs": runs, "predictors": predictors(runs),
-                      "command": " ".join(["python scripts/bench_quant_robustness.py", *sys.argv[1:]])}
-            OUT.parent.mkdir(parents=True, exist_ok=True)
-            OUT.write_text(json.dumps(result, indent=2) + "\n")  # after every run: nothing lost if stopped
-    table = render(result)
-    write_section(RESULTS, HEADING, table)
-    print(table)
-
+bench = Bench(__doc__, "## Quantization robustness across optimizers (bench_quant_robustness)",
+              runs={name: [f"optimizer={name}"] for name in optimizers()},
+              quick={"runs": ["adamw", "sgd"], "steps": 5, "samples": 2})
+bench.option("--seeds", nargs="+", type=int, default=[0])
+bench.option("--steps", type=int, default=200, help="optimizer steps per run (same for every optimizer)")
+bench.option("--lr", nargs="+", default=[], metavar="NAME=LR",
+             help=f"learning rates (defaults: {', '.join(f'{k}={v:g}' for k, v in LR.items())})")
+bench.option("--samples", type=int, default=16, help="validation chunks in the measured batch")
+bench.option("overrides", nargs="*", help="more config overrides for every run (after --)")
 
 if __name__ == "__main__":
-    main()
+    bench.main(measure, render)
