@@ -3,32 +3,24 @@ run (time, validation and test accuracy), and SmolLM2's perplexity on held-out S
 
     python scripts/bench_embedded.py            # uses the cached SFT base if `make base` ran, else runs it
     python scripts/bench_embedded.py --rerun    # run the default SFT again (~5 min on 2 CPU cores)
+    python scripts/bench_embedded.py --report   # re-render the table from the JSON
 
 Writes docs/results/embedded.json and the "Embedded default" section of docs/RESULTS.md.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import shlex
-import sys
 import time
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rlx.benchmark import ROOT, Bench, machine_line
+from rlx.config import build, compose_config
+from rlx.paths import cache_dir
 
-from _results import RESULTS, ROOT, machine, now, write_section  # noqa: E402
-from build_base import main as build_base  # noqa: E402
-
-from rlx.config import build, compose_config  # noqa: E402
-from rlx.data.collate import lm_batch  # noqa: E402
-from rlx.evaluate import evaluate  # noqa: E402
-from rlx.models import smollm2  # noqa: E402
-from rlx.paths import cache_dir  # noqa: E402
-
-HEADING = "## Embedded default"
 GSM8K = ROOT.parent / "shared" / "data" / "gsm8k"
+bench = Bench(__doc__, "## Embedded default", name="embedded")
+bench.option("--rerun", action="store_true", help="run the default SFT again even if cached")
 
 
 def folder_mb(path: Path) -> float:
@@ -36,6 +28,9 @@ def folder_mb(path: Path) -> float:
 
 
 def sizes() -> dict:
+    from rlx.data.collate import lm_batch
+    from rlx.models import smollm2
+
     cfg = compose_config("train")
     tiny = build(cfg.model)
     task = build(cfg.data)
@@ -60,6 +55,10 @@ def sizes() -> dict:
 
 
 def default_sft(rerun: bool) -> dict:
+    from build_base import main as build_base  # scripts/build_base.py, beside this one
+
+    from rlx.evaluate import evaluate
+
     base = cache_dir() / "models" / "tiny-sft"
     if rerun or not (base / "base.json").exists():
         build_base([])
@@ -76,6 +75,9 @@ def default_sft(rerun: bool) -> dict:
 
 
 def smollm2_perplexity() -> dict:
+    from rlx.evaluate import evaluate
+    from rlx.models import smollm2
+
     policy = smollm2(device="cpu")
     task = build(compose_config("train", ["data=shakespeare"]).data)
     t0 = time.perf_counter()
@@ -87,7 +89,7 @@ def markdown(r: dict) -> str:
     s, sft, ppl, m = r["sizes"], r["sft"], r["smollm2_shakespeare"], r["machine"]
     rs, sh = s["reasoning_split_sizes"], s["shakespeare_chunks"]
     lines = [
-        HEADING,
+        bench.heading,
         "",
         "| what | figure |",
         "|---|---|",
@@ -110,31 +112,16 @@ def markdown(r: dict) -> str:
         f"| SmolLM2 on held-out Shakespeare | perplexity **{ppl['test']['eval/perplexity']:.2f}** on test "
         f"({ppl['validation']['eval/perplexity']:.2f} on validation), per SmolLM2 token, each 1,024-character chunk scored on its own |",
         "",
-        f"- Machine: {m['cpu']}, {m['cpu_count']} CPUs, {m['device']}; torch {m['torch']}, transformers {m['transformers']}.",
+        f"- Machine: {machine_line(m, libs=('torch', 'transformers'))}.",
         f"- Command: `{r['command']}` ({r['date']}).",
         "",
     ]
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rerun", action="store_true", help="run the default SFT again even if cached")
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "embedded.json")
-    args = parser.parse_args()
-    result = {
-        "command": shlex.join(["python", "scripts/bench_embedded.py", *sys.argv[1:]]),
-        "date": now(),
-        "machine": machine(),
-        "sizes": sizes(),
-        "sft": default_sft(args.rerun),
-        "smollm2_shakespeare": smollm2_perplexity(),
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    write_section(RESULTS, HEADING, markdown(result))
-    print(markdown(result))
+def measure(args) -> dict:
+    return bench.record(sizes=sizes(), sft=default_sft(args.rerun), smollm2_shakespeare=smollm2_perplexity())
 
 
 if __name__ == "__main__":
-    main()
+    bench.main(measure, markdown)
