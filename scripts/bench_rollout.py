@@ -1,7 +1,8 @@
 """Rollout speed: generated tokens/s of `rlx.rollout.sample` against HF `generate` + a log-prob pass.
 
     python scripts/bench_rollout.py              # 16 prompts x 8 samples, 64 new tokens, 5 repeats
-    python scripts/bench_rollout.py --quick      # 1 repeat, writes nothing: a smoke test
+    python scripts/bench_rollout.py --quick      # 1 repeat, 4 prompts: a smoke test (outputs/bench-quick/)
+    python scripts/bench_rollout.py --report     # re-render the RESULTS.md section from the JSON
 
 Both produce what an RL step needs: sampled responses (temperature / top-p) and the per-token
 log-probs of the sampling policy.
@@ -14,32 +15,31 @@ The model is the tiny SFT base (`make base`) if cached, else the default random 
 (the speed is nearly the same; the lengths are not). The prompts are the first validation
 prompts of the reasoning task, each repeated `--samples` times as GRPO groups them. Tokens are
 the generated ones up to and including EOS. Runs are interleaved after one untimed warm-up of
-each, alternating which goes first; medians are reported and written to --out (JSON).
+each, alternating which goes first; medians are reported. Writes docs/results/bench_rollout.json
+and the "Rollout engine" section of docs/RESULTS.md.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-from rlx.data.collate import prompt_batch
-from rlx.data.reasoning import ReasoningTask
-from rlx.models import hf, tiny
-from rlx.paths import cache_dir
-from rlx.rollout import sample, sequence_logprobs
+from rlx.benchmark import Bench, machine_line
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import RESULTS, ROOT, machine, now, write_section  # noqa: E402
-
-HEADING = "## Rollout engine (bench_rollout)"
+bench = Bench(__doc__, "## Rollout engine (bench_rollout)", quick={"repeats": 1, "prompts": 4})
+bench.option("--prompts", type=int, default=16)
+bench.option("--samples", type=int, default=8, help="samples per prompt (GRPO's group size)")
+bench.option("--max-new-tokens", type=int, default=64)
+bench.option("--temperature", type=float, default=1.0)
+bench.option("--top-p", type=float, default=1.0)
+bench.option("--repeats", type=int, default=5)
 
 
 def load_model() -> tuple[torch.nn.Module, object, str]:
+    from rlx.models import hf, tiny
+    from rlx.paths import cache_dir
+
     path = cache_dir() / "models" / "tiny-sft"
     if (path / "config.json").exists():
         model, tok = hf(str(path), dtype="float32", device="cpu")
@@ -49,6 +49,8 @@ def load_model() -> tuple[torch.nn.Module, object, str]:
 
 
 def run_rlx(model, tok, batch: dict, args, seed: int) -> int:
+    from rlx.rollout import sample
+
     r = sample(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=args.max_new_tokens,
                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, temperature=args.temperature,
                top_p=args.top_p, generator=torch.Generator().manual_seed(seed))
@@ -57,6 +59,8 @@ def run_rlx(model, tok, batch: dict, args, seed: int) -> int:
 
 @torch.no_grad()
 def run_hf(model, tok, batch: dict, args, seed: int) -> int:
+    from rlx.rollout import sequence_logprobs
+
     torch.manual_seed(seed)
     out = model.generate(**batch, do_sample=True, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                          top_p=args.top_p, top_k=None, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
@@ -78,33 +82,20 @@ def markdown(r: dict) -> str:
             for k, name in (("rlx", "rlx `rollout.sample` (log-probs included)"),
                             ("hf", "HF `generate(do_sample=True)` + log-prob forward"))]
     return "\n".join([
-        HEADING, "",
+        bench.heading, "",
         f"Sampling what an RL step needs (responses and their per-token log-probs) from the {r['model']} model: "
         f"{r['rows']} rows ({c['prompts']} prompts x {c['samples']} samples), up to {c['max_new_tokens']} new tokens, "
         f"T={c['temperature']}, top_p={c['top_p']}; median of {c['repeats']} interleaved repeats.", "",
         "| engine | generated tokens/s | time (s) |", "|---|---:|---:|", *rows, "",
         f"- rlx is **{r['speedup']:.2f}x** HF's tokens/s on the same prompts (static KV cache, finished rows leave "
         "the batch, log-probs taken while sampling).",
-        f"- Machine: {m['cpu']}, {m['cpu_count']} CPUs, {m['device']}; torch {m['torch']}, transformers {m['transformers']}.",
-        f"- Command: `python scripts/bench_rollout.py` ({r['date']}).", ""])
+        f"- Machine: {machine_line(m, libs=('torch', 'transformers'))}.",
+        f"- Command: `{r.get('command', 'python scripts/bench_rollout.py')}` ({r['date']}).", ""])
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--prompts", type=int, default=16)
-    p.add_argument("--samples", type=int, default=8, help="samples per prompt (GRPO's group size)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--quick", action="store_true", help="1 repeat and write nothing")
-    p.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "bench_rollout.json")
-    p.add_argument("--render", action="store_true", help="only rewrite the RESULTS.md section from --out")
-    args = p.parse_args()
-    if args.render:
-        write_section(RESULTS, HEADING, markdown(json.loads(args.out.read_text())))
-        return
-    repeats = 1 if args.quick else args.repeats
+def measure(args) -> dict:
+    from rlx.data.collate import prompt_batch
+    from rlx.data.reasoning import ReasoningTask
 
     model, tok, name = load_model()
     model.eval()
@@ -115,7 +106,7 @@ def main() -> None:
         engine(model, tok, batch, args, seed=0)
 
     runs: dict[str, list[dict]] = {k: [] for k in ENGINES}
-    for rep in range(repeats):
+    for rep in range(args.repeats):
         order = list(ENGINES) if rep % 2 == 0 else list(ENGINES)[::-1]
         for key in order:
             start = time.perf_counter()
@@ -127,22 +118,9 @@ def main() -> None:
                    "median_wall_s": statistics.median(r["wall_s"] for r in v),
                    "median_tokens": statistics.median(r["tokens"] for r in v)} for k, v in runs.items()}
     speedup = summary["rlx"]["median_tokens_per_s"] / summary["hf"]["median_tokens_per_s"]
-    print(f"model {name}, {len(prompts)} rows ({args.prompts} prompts x {args.samples}), "
-          f"max_new_tokens {args.max_new_tokens}, T={args.temperature}, top_p={args.top_p}, {repeats} repeats")
-    print(f"{'engine':<6} {'tokens/s':>10} {'wall s':>8} {'tokens':>8}")
-    for k, s in summary.items():
-        print(f"{k:<6} {s['median_tokens_per_s']:>10.0f} {s['median_wall_s']:>8.3f} {s['median_tokens']:>8.0f}")
-    print(f"rlx / hf tokens/s: {speedup:.2f}x")
-    if args.quick:
-        return
-    result = {"date": now(), "machine": machine(), "model": name, "rows": len(prompts),
-              "config": {k: v for k, v in vars(args).items() if k not in ("out", "quick")},
-              "summary": summary, "speedup": speedup, "runs": runs}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    write_section(RESULTS, HEADING, markdown(result))
-    print(f"wrote {args.out} and {RESULTS}")
+    return bench.record(model=name, rows=len(prompts), config=bench.settings(), summary=summary, speedup=speedup,
+                        runs=runs)
 
 
 if __name__ == "__main__":
-    main()
+    bench.main(measure, markdown)
