@@ -2,8 +2,8 @@
 GRPO / DPO on the same work, in one process (about 4 minutes on 2 quiet CPU cores).
 
     python scripts/bench_rl.py                  # GRPO 4x8 and 16x8, DPO 16; 10 steps x 3 runs each side
-    python scripts/bench_rl.py --quick          # 3 steps, 1 run each, writes nothing: a smoke test
-    python scripts/bench_rl.py --render         # only rewrite the RESULTS.md section from --out
+    python scripts/bench_rl.py --quick          # 3 steps, 1 run each: a smoke test (outputs/bench-quick/)
+    python scripts/bench_rl.py --report         # only rewrite the RESULTS.md section from the JSON
 
 Needs the tiny SFT base (`make base`) and TRL (`make install` puts it in the dev extras).
 
@@ -35,28 +35,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import os
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # TRL and transformers must not try the hub
 os.environ.setdefault("WANDB_MODE", "disabled")
 
-import torch  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import RESULTS, ROOT, machine, now, write_section  # noqa: E402
-
-from rlx.config import build, compose_config  # noqa: E402
-from rlx.data.stream import ExampleStream  # noqa: E402
+from rlx.benchmark import Bench, machine, machine_line, metric, trained  # noqa: E402
 from rlx.paths import cache_dir  # noqa: E402
-from rlx.rewards import Correctness  # noqa: E402
-from rlx.tasks import run_training  # noqa: E402
 
-HEADING = "## RL speed against TRL (bench_rl)"
 MODEL_DIR = cache_dir() / "models" / "tiny-sft"
 BETAS = (0.9, 0.95)  # conf/optimizer/adamw.yaml
 DPO_BETA = 0.1  # conf/algo/dpo.yaml
@@ -83,6 +71,8 @@ def median_run(runs: list[dict]) -> dict:
 
 def stream_order(examples: list[dict], batch_size: int, steps: int, seed: int) -> list[dict]:
     """The examples rlx's loop draws in its first `steps` micro-batches, in order."""
+    from rlx.data.stream import ExampleStream
+
     stream = ExampleStream(examples, batch_size, seed)
     return [ex for _ in range(steps) for ex in stream.next()]
 
@@ -141,17 +131,13 @@ def rlx_overrides(work: str, args) -> list[str]:
 
 
 def run_rlx(work: str, args) -> dict:
-    cfg = compose_config("train", rlx_overrides(work, args))
-    with tempfile.TemporaryDirectory() as run_dir, contextlib.redirect_stderr(io.StringIO()):  # its summary table
-        summary = run_training(cfg, Path(run_dir))
-        rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    rows = [r for r in rows if "time/update_s" in r]  # training rows (eval rows have no step times)
+    with trained(rlx_overrides(work, args), quiet=True) as t:  # quiet: its summary table
+        rows = [r for r in t.rows if "time/update_s" in r]  # training rows (eval rows have no step times)
     times = [r["time/batch_s"] + r["time/update_s"] for r in rows]
-    cumulative = [0] + [int(r["train/tokens"]) for r in rows]
+    cumulative = [0] + [int(x) for x in metric(rows, "train/tokens")]
     tokens = [b - a for a, b in zip(cumulative, cumulative[1:])]
-    rollout = [r["rl/rollout_s"] for r in rows if "rl/rollout_s" in r]
-    return {**steady(times, tokens, rollout), "train_time_s": summary["train/time_s"],
-            "params_M": summary["params_M"]}
+    return {**steady(times, tokens, metric(rows, "rl/rollout_s")), "train_time_s": t.summary["train/time_s"],
+            "params_M": t.summary["params_M"]}
 
 
 # ---------------------------------------------------------------------------- TRL
@@ -168,6 +154,7 @@ def trl_common(args, out_dir: str) -> dict:
 
 
 def trl_model():
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
@@ -199,6 +186,8 @@ def step_timer():
 def trl_reward(task, counts: list[int], seen: list[str]):
     """rlx's exact-answer checker as a TRL reward function; also counts each step's generated tokens
     and records the prompts it was given."""
+    from rlx.rewards import Correctness
+
     correctness = Correctness()
 
     def correct(prompts, completions, completion_ids, answer, source, question, **_):
@@ -213,6 +202,8 @@ def trl_reward(task, counts: list[int], seen: list[str]):
 def run_trl_grpo(args) -> dict:
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
+
+    from rlx.config import build, compose_config
 
     task = build(compose_config("train", ["data=reasoning"]).data)
     examples = stream_order(task.split("train"), args.prompts, args.steps, args.seed)
@@ -271,6 +262,8 @@ def check_tokens(trainer, tokenizer) -> None:
 def run_trl_dpo(args) -> dict:
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
+
+    from rlx.config import build, compose_config
 
     task = build(compose_config("train", ["data=reasoning_pairs"]).data)
     examples = stream_order(task.split("train"), args.dpo_pairs, args.steps, args.seed)
@@ -336,7 +329,7 @@ def clean_run(run, args, rejected: list[dict]) -> dict:
     raise AssertionError("unreachable")
 
 
-def bench(label: str, args) -> dict:
+def compare(label: str, args) -> dict:
     """`--repeats` runs of each side, alternating which goes first; the median run of each side."""
     sides = {"trl": TRL_RUNS[args.work], "rlx": lambda a: run_rlx(a.work, a)}
     runs: dict[str, list[dict]] = {"trl": [], "rlx": []}
@@ -386,7 +379,7 @@ def others(r: dict) -> str:
 def markdown(r: dict) -> str:
     c, m = r["config"], r["machine"]
     return "\n".join([
-        HEADING, "",
+        bench.heading, "",
         f"TRL {m['trl']} (`GRPOTrainer`, `DPOTrainer`) and rlx on the same work in one process: the tiny SFT base "
         f"({r['params_M']:.2f}M parameters), fp32 on the CPU, the same prompts / pairs in the same order, AdamW at a "
         f"constant lr {c['lr']}, {c['steps']} optimizer steps per run; s/step is the mean of steps 2..{c['steps']} "
@@ -406,48 +399,24 @@ def markdown(r: dict) -> str:
             f"{w} TRL `train()` {res['trl']['train_wall_s']:.1f} s, rlx `train/time_s` {res['rlx']['train_time_s']:.1f} s"
             for w, res in r["works"].items()) + ".",
         f"- Quiet machine: {others(r)}; a job holding a core slows 2-thread torch runs on 2 cores many times over.",
-        f"- Machine: {m['cpu']}, {m['cpu_count']} CPUs, {m['torch_threads']} torch threads, {m['device']}; "
-        f"Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}, trl {m['trl']}.",
+        f"- Machine: {machine_line(m, threads=True, python=True, libs=('torch', 'transformers', 'trl'))}.",
         f"- Command: `{r['command']}` ({r['date']}, {r['wall_min']:.1f} min in all).", ""])
 
 
-def print_table(result: dict) -> None:
-    print(f"{'work':<10} {'TRL s/step':>10} {'rlx s/step':>10} {'speedup':>8} {'TRL tok/s':>10} {'rlx tok/s':>10}")
-    for work, res in result["works"].items():
-        trl, rlx = res["trl"], res["rlx"]
-        print(f"{work:<10} {trl['s_per_step']:>10.3f} {rlx['s_per_step']:>10.3f} {res['speedup']:>7.2f}x "
-              f"{trl['tokens_per_s']:>10.0f} {rlx['tokens_per_s']:>10.0f}")
-
-
-def parse_args():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=10, help="optimizer steps per run (the first is not timed)")
-    p.add_argument("--repeats", type=int, default=3, help="runs of each side per work; the median is reported")
-    p.add_argument("--prompts", type=lambda v: [int(x) for x in v.split(",")], default=[4, 16],
-                   help="GRPO prompts per step; comma-separated sizes are run one after another")
-    p.add_argument("--group-size", type=int, default=8, help="GRPO samples per prompt")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--dpo-pairs", type=int, default=16, help="DPO pairs per step")
-    p.add_argument("--lr", type=float, default=3e-5)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--works", default="grpo,dpo", help="comma-separated subset of grpo,dpo")
-    p.add_argument("--quiet", type=float, default=0.25,
-                   help="most cores other processes may use during a run before it is rerun")
-    p.add_argument("--retries", type=int, default=2, help="reruns of a run disturbed by other processes")
-    p.add_argument("--max-wait", type=float, default=300, help="seconds to wait for a quiet machine before a run")
-    p.add_argument("--quick", action="store_true", help="3 steps, 1 repeat, and write nothing")
-    p.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "bench_rl.json")
-    p.add_argument("--render", action="store_true", help="only rewrite the RESULTS.md section from --out")
-    args = p.parse_args()
-    if args.quick:
-        args.steps, args.repeats = 3, 1
-    if args.steps < 2:
-        p.error("--steps must be >= 2: the first step is a warm-up")
-    return args
-
-
-def command(argv: list[str]) -> str:
-    return " ".join(["python scripts/bench_rl.py", *argv])
+bench = Bench(__doc__, "## RL speed against TRL (bench_rl)", quick={"steps": 3, "repeats": 1})
+bench.option("--steps", type=int, default=10, help="optimizer steps per run (the first is not timed)")
+bench.option("--repeats", type=int, default=3, help="runs of each side per work; the median is reported")
+bench.option("--prompts", type=lambda v: [int(x) for x in v.split(",")], default=[4, 16],
+             help="GRPO prompts per step; comma-separated sizes are run one after another")
+bench.option("--group-size", type=int, default=8, help="GRPO samples per prompt")
+bench.option("--max-new-tokens", type=int, default=64)
+bench.option("--dpo-pairs", type=int, default=16, help="DPO pairs per step")
+bench.option("--lr", type=float, default=3e-5)
+bench.option("--seed", type=int, default=0)
+bench.option("--works", default="grpo,dpo", help="comma-separated subset of grpo,dpo")
+bench.option("--quiet", type=float, default=0.25, help="most cores other processes may use during a run before it is rerun")
+bench.option("--retries", type=int, default=2, help="reruns of a run disturbed by other processes")
+bench.option("--max-wait", type=float, default=300, help="seconds to wait for a quiet machine before a run")
 
 
 def quiet_libraries() -> None:
@@ -460,30 +429,19 @@ def quiet_libraries() -> None:
     datasets.disable_progress_bars()
 
 
-def main() -> None:
-    args = parse_args()
-    if args.render:
-        write_section(RESULTS, HEADING, markdown(json.loads(args.out.read_text())))
-        return
+def measure(args) -> dict:
+    if args.steps < 2:
+        bench.parser.error("--steps must be >= 2: the first step is a warm-up")
     if not (MODEL_DIR / "config.json").exists():
         raise SystemExit(f"no SFT base at {MODEL_DIR}: run `make base` first")
     import trl
 
     quiet_libraries()
     start = time.perf_counter()
-    works = {label: bench(label, settings) for label, settings in works_of(args)}
-    result = {"date": now(), "machine": {**machine(), "trl": trl.__version__}, "command": command(sys.argv[1:]),
-              "params_M": next(iter(works.values()))["rlx"]["params_M"],
-              "config": {k: v for k, v in vars(args).items() if k not in ("out", "quick", "render")},
-              "works": works, "wall_min": (time.perf_counter() - start) / 60}
-    print_table(result)
-    if args.quick:
-        return
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    write_section(RESULTS, HEADING, markdown(result))
-    print(f"wrote {args.out} and {RESULTS}")
+    works = {label: compare(label, settings) for label, settings in works_of(args)}
+    return bench.record(machine=machine(trl=trl.__version__), params_M=next(iter(works.values()))["rlx"]["params_M"],
+                        config=bench.settings(), works=works, wall_min=(time.perf_counter() - start) / 60)
 
 
 if __name__ == "__main__":
-    main()
+    bench.main(measure, markdown)
