@@ -98,7 +98,6 @@ def train(state: TrainState, algo, hooks: HookList, logger, *, seed: int = 0,
     returns the final metrics. `config` is the composed config, saved with each checkpoint."""
     model, device, task, cfg, run_dir = state.model, state.model.device, state.task, state.trainer, state.run_dir
     stream = ExampleStream(task.split("train"), cfg.micro_batch_size, seed)
-    state.stream = stream  # for algorithms that draw more prompts than one micro-batch (dynamic sampling)
     params = [p for group in state.optimizer.param_groups for p in group["params"]]  # incl. a critic's
     ckpt_root = run_dir / "checkpoints"
     resume = _resume_from(cfg, run_dir)

@@ -36,7 +36,6 @@ class TrainState:
     task: Any = None  # the data task: its splits and its answer checker (RL rewards use it)
     step: int = 0  # optimizer steps taken
     tokens: int = 0  # target tokens trained on
-    stream: Any = None  # the training ExampleStream (set by the loop): extra prompts for refills
     run_dir: Path | None = None  # the run's folder: where checkpoints go and hooks write their exports
     trainer: Any = None  # the run's TrainerConfig (max_steps, grad_accum, ...), for hooks and algorithms
     extra: dict = field(default_factory=dict)  # scratch space that hooks and algorithms share

@@ -20,7 +20,8 @@ from torch import Tensor
 class Algorithm(Protocol):
     def make_batch(self, examples, state) -> dict:
         """Tensors for one micro-batch (RL: run the rollout here). `examples` is the stream's next
-        micro-batch, drawn only when indexed, so replaying a held rollout consumes no data."""
+        micro-batch (`NextBatch`), drawn only when indexed, so replaying a held rollout consumes no
+        data; an algorithm that needs more prompts draws them with `rlx.data.stream.draw_more`."""
 
     def loss(self, batch: dict, state) -> tuple[Tensor, dict]:
         """(scalar loss averaged over the batch's `num_targets`, metrics)."""

@@ -81,6 +81,7 @@ from torch import Tensor
 from rlx.algorithms._rl import _MAX_LOG_RATIO, masked_mean
 from rlx.algorithms._sampling import Scored
 from rlx.algorithms.grpo import GRPO
+from rlx.data.stream import draw_more
 from rlx.errors import RlxError
 from rlx.rollout import Rollout
 
@@ -267,7 +268,7 @@ class DOT(GRPO):
         rewards differ, the first B of them; fewer survive, train on those."""
         B, G = len(examples), self.group_size
         factor = pds_factor(self._pass_rates, self.pds_init, self.pds_min, self.pds_max)
-        scored = self._sample(self._prompts(list(examples), prompts_to_draw(B, factor), state), state)
+        scored = self._sample(self._prompts(examples, prompts_to_draw(B, factor)), state)
         spread = scored.rewards.view(-1, G).std(dim=1) > 0
         self._pass_rates = [*self._pass_rates, spread.float().mean().item()][-self.pds_history:]
         groups = spread.nonzero().flatten()[:B]
@@ -281,11 +282,12 @@ class DOT(GRPO):
                       "pds/prompts": float(len(spread)), "pds/groups_kept": float(spread.sum().clamp(max=B))}
 
     @staticmethod
-    def _prompts(prompts: list[dict], n: int, state) -> list[dict]:
+    def _prompts(examples, n: int) -> list[dict]:
         """The micro-batch's prompts, then the stream's next micro-batches, cut to n (the rest of
         the last one is skipped, as an epoch's tail is)."""
-        while len(prompts) < n and state.stream is not None:
-            prompts += state.stream.next()
+        prompts = list(examples)
+        while len(prompts) < n and (extra := draw_more(examples)):
+            prompts += extra
         return prompts[:n]
 
     def state_dict(self) -> dict:

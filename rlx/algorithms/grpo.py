@@ -51,6 +51,7 @@ from rlx.algorithms._rl import (
     masked_mean,
 )
 from rlx.algorithms._sampling import Scored, sample_and_score
+from rlx.data.stream import draw_more
 from rlx.errors import RlxError
 from rlx.rollout import Rollout, eval_mode, sequence_logprobs, sequence_logprobs_and_entropy
 
@@ -108,8 +109,8 @@ class GRPO:
         draws = [self._sample(examples, state)]
         want = len(draws[0].rewards) // G
         spread = lambda: torch.cat([d.rewards for d in draws]).view(-1, G).std(dim=1) > 0  # per group
-        while int(spread().sum()) < want and len(draws) <= self.max_draws and state.stream is not None:
-            draws.append(self._sample(state.stream.next(), state))
+        while int(spread().sum()) < want and len(draws) <= self.max_draws and (extra := draw_more(examples)):
+            draws.append(self._sample(extra, state))
         informative = spread()
         groups = informative.nonzero().flatten()[:want]
         if len(groups) == 0:  # nothing informative: train on the first draw's zeros, as GRPO would

@@ -43,7 +43,8 @@ class NextBatch(Sequence):
     """The stream's next micro-batch, drawn on first use. The loop hands one to each
     `make_batch` call; an algorithm that is replaying a rollout it already holds (PPO's epochs
     and minibatches) never touches it, so no data is consumed and the stream position stays
-    exact for resuming."""
+    exact for resuming. An algorithm that needs more prompts than one micro-batch (dynamic
+    sampling) draws them with `more()`, through the batch it was handed, not from the stream."""
 
     def __init__(self, stream: ExampleStream):
         self._stream, self._items = stream, None
@@ -58,3 +59,14 @@ class NextBatch(Sequence):
 
     def __len__(self) -> int:
         return len(self._batch())
+
+    def more(self) -> list[dict]:
+        """The stream's next micro-batch after this one (which is drawn first, so the order is the
+        stream's whatever is indexed first)."""
+        self._batch()
+        return self._stream.next()
+
+
+def draw_more(examples: Sequence[dict]) -> list[dict]:
+    """`examples.more()`, or [] for a plain list of examples, which has no stream behind it."""
+    return examples.more() if isinstance(examples, NextBatch) else []

@@ -119,13 +119,13 @@ def test_truncated_responses_lose_their_reward_in_a_real_rollout():
 
 
 def test_all_constant_groups_end_after_max_draws_not_forever():
-    from rlx.data.stream import ExampleStream
+    from rlx.data.stream import ExampleStream, NextBatch
 
     policy = eos_policy()
     state = TrainState(policy.model, policy.tokenizer, torch.optim.SGD(policy.model.parameters(), lr=0.1), None, TASK)
-    state.stream = ExampleStream(TASK.split("train"), 2, seed=0)
+    stream = ExampleStream(TASK.split("train"), 2, seed=0)
     algo = DLER(WeightedSum({"r": Constant()}, {"r": 1.0}), group_size=4, max_new_tokens=8, max_draws=3)
-    batch = algo.make_batch(state.stream.next(), state)
+    batch = algo.make_batch(NextBatch(stream), state)
     assert batch["metrics"]["rl/draws"] == 4 and batch["metrics"]["rl/groups_with_signal"] == 0.0
     assert batch["advantages"].abs().max() == 0  # nothing to learn from, and no NaN from a zero std
 

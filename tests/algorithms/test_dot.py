@@ -20,7 +20,7 @@ from rlx.algorithms.dot import (
 )
 from rlx.algorithms.grpo import GRPO
 from rlx.data.reasoning import ReasoningTask
-from rlx.data.stream import ExampleStream
+from rlx.data.stream import ExampleStream, NextBatch
 from rlx.errors import RlxError
 from rlx.models import tiny
 from rlx.rewards import Correctness, LengthPenalty, WeightedSum
@@ -246,15 +246,15 @@ def setup(reward, **kwargs):
 def test_pds_samples_one_round_from_the_stream_and_trains_on_the_survivors():
     algo, state = setup(LastGroupSpread())
     train = TASK.split("train")
-    state.stream, twin = ExampleStream(train, 2, seed=1), ExampleStream(train, 2, seed=1)
+    stream, twin = ExampleStream(train, 2, seed=1), ExampleStream(train, 2, seed=1)
     twin.next()
     third = twin.next()[0]  # ceil(2 * 1.5) = 3 prompts: the micro-batch and the next one's first
     torch.manual_seed(0)
-    scored, extra = algo._informative(state.stream.next(), state)
-    assert extra["pds/factor"] == 1.5 and extra["pds/prompts"] == 3 and state.stream.pos == 4
+    scored, extra = algo._informative(NextBatch(stream), state)
+    assert extra["pds/factor"] == 1.5 and extra["pds/prompts"] == 3 and stream.pos == 4
     assert [ex["question"] for ex in scored.examples] == [third["question"]] * 4  # 1 of 3 groups kept
     assert algo._pass_rates == [pytest.approx(1 / 3)]
-    _, extra = algo._informative(state.stream.next(), state)
+    _, extra = algo._informative(NextBatch(stream), state)
     assert extra["pds/factor"] == pytest.approx(3.0) and extra["pds/prompts"] == 6  # 1 / (1/3), 2 x 3
 
 

@@ -8,7 +8,7 @@ import torch
 
 from rlx.algorithms.grpo import GRPO
 from rlx.data.reasoning import ReasoningTask
-from rlx.data.stream import ExampleStream
+from rlx.data.stream import ExampleStream, NextBatch
 from rlx.errors import RlxError
 from rlx.models import tiny
 from rlx.rewards import Correctness, WeightedSum
@@ -102,9 +102,9 @@ def test_dynamic_sampling_keeps_only_groups_with_a_spread_and_refills():
     algo, state = setup(OnlySome(), dynamic_sampling=True, max_draws=8)
     train = TASK.split("train")
     assert {int(ex["answer"]) % 2 for ex in train} == {0, 1}  # both kinds exist
-    state.stream = ExampleStream(train, 2, seed=1)  # its first micro-batch has two odd answers
+    stream = ExampleStream(train, 2, seed=1)  # its first micro-batch has two odd answers
     torch.manual_seed(0)
-    batch = algo.make_batch(state.stream.next(), state)
+    batch = algo.make_batch(NextBatch(stream), state)
     groups = batch["advantages"].view(-1, 4)
     assert groups.shape == (2, 4) and (groups.abs().sum(1) > 0).all()  # 2 prompts, each informative
     assert batch["metrics"]["rl/draws"] >= 1 and 0 < batch["metrics"]["rl/groups_with_signal"] <= 1

@@ -63,13 +63,13 @@ def setup(policy, reward=None, micro_batch: int = 2, **kwargs):
                 **{"max_new_tokens": 8, "window": 3, **kwargs})
     opt = torch.optim.SGD([{"params": list(policy.model.named_parameters())}, *algo.param_groups()], lr=0.1)
     state = TrainState(policy.model, policy.tokenizer, opt, None, TASK)
-    state.stream = ExampleStream(TASK.split("train"), micro_batch, seed=0)
+    stream = ExampleStream(TASK.split("train"), micro_batch, seed=0)
     torch.manual_seed(0)  # the sampler draws from the global generator
-    return algo, state
+    return algo, state, stream
 
 
-def window(algo, state) -> dict:
-    return algo.make_batch(NextBatch(state.stream), state)  # as the loop calls it
+def window(algo, state, stream) -> dict:
+    return algo.make_batch(NextBatch(stream), state)  # as the loop calls it
 
 
 def test_one_window_holding_the_whole_budget_is_ppo():
@@ -106,10 +106,10 @@ def row_parts(mb: dict, i: int) -> tuple[list[int], torch.Tensor]:
 
 
 def test_masks_take_each_window_once_and_finished_responses_whole():
-    algo, state = setup(make_policy(eos_bias=3.0), samples_per_prompt=2)  # B = 4, windows of 3, cap 8
+    algo, state, stream = setup(make_policy(eos_bias=3.0), samples_per_prompt=2)  # B = 4, windows of 3, cap 8
     eos, open_rows, finished, carried = state.tokenizer.eos_token_id, Counter(), 0, 0
     for _ in range(8):  # no update in between: each window continues the last one's tokens
-        mb = window(algo, state)
+        mb = window(algo, state, stream)
         continued, still_open = Counter(), Counter()
         for i in range(len(mb["input_ids"])):
             tokens, response = row_parts(mb, i)
@@ -135,9 +135,9 @@ def test_masks_take_each_window_once_and_finished_responses_whole():
 
 
 def test_all_generated_policy_mask_is_every_response_token():
-    algo, state = setup(make_policy(), policy_tokens="all_generated")
+    algo, state, stream = setup(make_policy(), policy_tokens="all_generated")
     for _ in range(2):
-        mb = window(algo, state)
+        mb = window(algo, state, stream)
         for i in range(len(mb["input_ids"])):
             assert torch.equal(mb["policy_mask"][i], row_parts(mb, i)[1])
     assert mb["policy_mask"].sum(-1).min() == 6  # the second window trains on both windows' tokens
@@ -146,14 +146,14 @@ def test_all_generated_policy_mask_is_every_response_token():
 def test_greedy_windows_equal_one_shot_generation():
     """Frozen policy, temperature 0: the windows of every finished response, stitched, are what one
     generate call with the whole budget produces (the pool mixes new prompts with continued rows)."""
-    algo, state = setup(make_policy(eos_bias=4.0, scramble=True), micro_batch=4, max_new_tokens=10, temperature=0.0)
+    algo, state, stream = setup(make_policy(eos_bias=4.0, scramble=True), micro_batch=4, max_new_tokens=10, temperature=0.0)
     stitched, mixed = [], False
     for _ in range(8):
-        mb = window(algo, state)
+        mb = window(algo, state, stream)
         stitched += [row_parts(mb, i)[0] for i in range(len(mb["input_ids"])) if mb["value_mask"][i].any()]
         fresh = mb["policy_mask"].sum(-1) == mb["attention_mask"][:, -mb["policy_mask"].shape[1]:].sum(-1)
         mixed |= bool(fresh.any() and not fresh.all())
-    drawn = [TASK.split("train")[i] for i in state.stream._order[: state.stream.pos]]
+    drawn = [TASK.split("train")[i] for i in stream._order[: stream.pos]]
     tok = state.tokenizer
     prompts = prompt_batch([ex["prompt"] for ex in drawn], tok, "cpu")
     whole = sample(state.model, prompts["input_ids"], prompts["attention_mask"], max_new_tokens=10,
@@ -177,40 +177,40 @@ class Recording:
 
 def test_pool_stays_full_and_every_response_finishes_once():
     scored = Recording()
-    algo, state = setup(make_policy(eos_bias=3.0), reward=scored, samples_per_prompt=2, window=2)
+    algo, state, stream = setup(make_policy(eos_bias=3.0), reward=scored, samples_per_prompt=2, window=2)
     for _ in range(8):
-        assert len(window(algo, state)["input_ids"]) == 4  # B = 2 prompts x 2 samples, every window
-    finished = window(algo, state)["metrics"]["rl/finished"]
+        assert len(window(algo, state, stream)["input_ids"]) == 4  # B = 2 prompts x 2 samples, every window
+    finished = window(algo, state, stream)["metrics"]["rl/finished"]
     assert len(algo._rows) == 4 - finished  # the finished rows left the pool
-    drawn = [TASK.split("train")[i] for i in state.stream._order[: state.stream.pos]]
+    drawn = [TASK.split("train")[i] for i in stream._order[: stream.pos]]
     done, waiting = Counter(map(id, scored.examples)), Counter(map(id, algo._rows + algo._backlog))
     assert set(done) | set(waiting) <= set(map(id, drawn))
     assert all(done[id(ex)] + waiting[id(ex)] == 2 for ex in drawn)  # each of a prompt's 2 responses once
-    assert sum(done.values()) > 8 and state.stream.pos > 4  # refills happened
+    assert sum(done.values()) > 8 and stream.pos > 4  # refills happened
     assert len(algo._backlog) < 4  # a micro-batch is drawn only when the backlog cannot fill the free rows
 
 
 def test_state_dict_carries_the_pool_the_backlog_and_the_queue():
-    algo, state = setup(make_policy(eos_bias=3.0), samples_per_prompt=2, minibatches=2)
+    algo, state, stream = setup(make_policy(eos_bias=3.0), samples_per_prompt=2, minibatches=2)
     for _ in range(5):  # two and a half windows: one minibatch of the third is still queued
-        window(algo, state)
+        window(algo, state, stream)
     assert algo._rows and algo._backlog and len(algo._queue) == 1
     buffer = io.BytesIO()
     torch.save(algo.state_dict(), buffer)
     resumed = setup(make_policy(eos_bias=3.0), samples_per_prompt=2, minibatches=2)[0]
     resumed.load_state_dict(torch.load(io.BytesIO(buffer.getvalue()), weights_only=False))
-    rng, data = torch.get_rng_state(), state.stream.state_dict()
-    ahead = [window(algo, state) for _ in range(5)]
+    rng, data = torch.get_rng_state(), stream.state_dict()
+    ahead = [window(algo, state, stream) for _ in range(5)]
     torch.set_rng_state(rng)
-    state.stream.load_state_dict(data)
-    for a, b in zip(ahead, [window(resumed, state) for _ in range(5)]):
+    stream.load_state_dict(data)
+    for a, b in zip(ahead, [window(resumed, state, stream) for _ in range(5)]):
         assert all(torch.equal(a[k], b[k]) for k in a if isinstance(a[k], torch.Tensor))
 
 
 def test_one_window_trains_policy_and_critic():
-    algo, state = setup(make_policy(eos_bias=3.0), samples_per_prompt=2, max_new_tokens=8, window=4)
+    algo, state, stream = setup(make_policy(eos_bias=3.0), samples_per_prompt=2, max_new_tokens=8, window=4)
     policy_before, head_before = copy.deepcopy(state.model.state_dict()), algo.critic.head.weight.clone()
-    mb = window(algo, state)
+    mb = window(algo, state, stream)
     loss, metrics = algo.loss(mb, state)
     loss.backward()
     state.optimizer.step()
@@ -222,8 +222,8 @@ def test_one_window_trains_policy_and_critic():
 
 
 def test_critic_learns_nothing_from_unfinished_responses():
-    algo, state = setup(make_policy(), max_new_tokens=8, window=3)  # no EOS in 3 tokens: nothing finishes
-    mb = window(algo, state)
+    algo, state, stream = setup(make_policy(), max_new_tokens=8, window=3)  # no EOS in 3 tokens: nothing finishes
+    mb = window(algo, state, stream)
     loss, metrics = algo.loss(mb, state)
     loss.backward()
     assert metrics["rl/finished"] == 0 and metrics["rl/value_tokens"] == 0 and "rl/value_loss" not in metrics
