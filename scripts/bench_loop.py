@@ -1,7 +1,8 @@
 """Loop overhead: tokens/s of rlx's training loop against a bare PyTorch loop and HF Trainer.
 
     python scripts/bench_loop.py                 # 100 steps, 3 interleaved repeats (`make bench`)
-    python scripts/bench_loop.py --quick         # 10 steps, 1 repeat, writes nothing: a smoke test
+    python scripts/bench_loop.py --quick         # 10 steps, 1 repeat: a smoke test (outputs/bench-quick/)
+    python scripts/bench_loop.py --report        # re-render the RESULTS.md section from the JSON
 
 All three loops do the same work: `rlx train algo=sft` with the default config (model=tiny,
 data=reasoning, optimizer=adamw, micro-batch 32, fp32), the same initial weights (the tiny
@@ -26,17 +27,14 @@ the 10-step mean training losses and the final weights are compared with the bar
 Runs are interleaved after one short untimed warm-up of each, so that another process
 slowing the machine hits all three alike, and the order rotates each repeat (bare, rlx,
 trainer; rlx, trainer, bare; ...) so that no loop always runs first; medians are
-reported. Results go to --out (JSON) and to the "Loop overhead (bench_loop)" section of
---results (markdown), which is rewritten in place.
+reported. Results go to docs/results/bench_loop.json and to the "Loop overhead (bench_loop)"
+section of docs/RESULTS.md, which is rewritten in place.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
-import json
 import os
-import shlex
 import statistics
 import sys
 import tempfile
@@ -48,6 +46,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import PrinterCallback, Trainer, TrainingArguments
 
 import rlx.loop
+from rlx.benchmark import Bench, machine_line, metric
 from rlx.config import build, compose_config
 from rlx.data.collate import IGNORE, lm_batch
 from rlx.data.stream import ExampleStream
@@ -56,10 +55,9 @@ from rlx.loop import TrainerConfig, make_scheduler
 from rlx.seeding import seed_everything
 from rlx.state import TrainState
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import ROOT, machine, now, write_section  # noqa: E402
-
-SECTION = "## Loop overhead (bench_loop)"
+bench = Bench(__doc__, "## Loop overhead (bench_loop)", quick={"steps": 10, "repeats": 1})
+bench.option("--steps", type=int, default=100, help="optimizer steps per run")
+bench.option("--repeats", type=int, default=3, help="interleaved repeats of each loop")
 LOOPS = ("bare", "rlx", "trainer")
 WARMUP_STEPS = 3
 
@@ -191,8 +189,7 @@ def run_rlx(setup: Setup) -> Run:
             final = rlx.loop.train(state, setup.algo, hooks, logger, seed=cfg.seed, config=cfg)
             end_to_end = time.perf_counter() - t0
         logger.finish()
-        rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    losses = [r["train/loss"] for r in rows if "train/loss" in r]
+        losses = metric(Path(run_dir), "train/loss")
     eval_save = sum(eval_s) + sum(save_s)
     extra = {"end_to_end_s": end_to_end, "final_eval_s": sum(eval_s), "final_save_s": sum(save_s),
              "loop_train_time_s": final["train/time_s"]}
@@ -248,7 +245,7 @@ RUNNERS = {"bare": run_bare, "rlx": run_rlx, "trainer": run_trainer}
 # ---------------------------------------------------------------------------- measuring and reporting
 
 
-def measure(setup: Setup, repeats: int) -> list[tuple[int, Run, float]]:
+def measure_runs(setup: Setup, repeats: int) -> list[tuple[int, Run, float]]:
     """(repeat, run, 1-minute load average at its start) for every timed run, interleaved."""
     warmup = dataclasses.replace(setup, trainer=dataclasses.replace(setup.trainer, max_steps=WARMUP_STEPS))
     for loop in LOOPS:  # first calls pay one-off costs (lazy imports, allocator, kernel selection)
@@ -312,7 +309,7 @@ def markdown(result: dict) -> str:
             f"{s['median_wall_s']['bare'] / s['median_wall_s'][loop]:.3f} |" for loop in LOOPS]
     noise = max((hi - lo) / s["median_wall_s"][loop] for loop, (lo, hi) in s["range_wall_s"].items())
     return "\n".join([
-        SECTION,
+        bench.heading,
         "",
         f"Tokens/s of `rlx train algo=sft` (default config: model=tiny, data=reasoning, optimizer=adamw, "
         f"micro-batch {cfg['micro_batch_size']}, fp32) against a bare hand-written PyTorch loop and "
@@ -340,8 +337,7 @@ def markdown(result: dict) -> str:
         f"Trainer {agree['trainer_vs_bare_loss_max_abs']:.1e}; of the final weights: rlx "
         f"{agree['rlx_vs_bare_weights_max_abs']:.1e}, Trainer {agree['trainer_vs_bare_weights_max_abs']:.1e}. "
         f"Last-window loss {s['final_window_loss']['bare']:.4f}.",
-        f"- Machine: {m['cpu']}, {m['cpu_count']} CPUs, {m['torch_threads']} torch threads, {m['device']}; "
-        f"Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}. "
+        f"- Machine: {machine_line(m, threads=True, python=True, libs=('torch', 'transformers'))}. "
         f"1-minute load average at run starts: {min(r['loadavg_1m_at_start'] for r in s['runs']):.1f}"
         f"-{max(r['loadavg_1m_at_start'] for r in s['runs']):.1f} (this benchmark alone makes about "
         f"{m['torch_threads']}).",
@@ -350,56 +346,19 @@ def markdown(result: dict) -> str:
     ])
 
 
-def print_table(s: dict) -> None:
-    print(f"\n{'loop':8s} {'tokens/s':>10s} {'time s':>8s} {'min-max s':>13s} {'vs bare':>8s}")
-    for loop in LOOPS:
-        wall, (lo, hi) = s["median_wall_s"][loop], s["range_wall_s"][loop]
-        vs_bare = s["median_wall_s"]["bare"] / wall
-        print(f"{loop:8s} {s['tokens'] / wall:10,.0f} {wall:8.2f} {lo:6.2f}-{hi:6.2f} {vs_bare:8.3f}")
-    agree = s["loss_agreement"]
-    print(f"loss max |diff| vs bare: rlx {agree['rlx_vs_bare_loss_max_abs']:.1e}, "
-          f"trainer {agree['trainer_vs_bare_loss_max_abs']:.1e}")
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=100, help="optimizer steps per run")
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats of each loop")
-    parser.add_argument("--quick", action="store_true",
-                        help="10 steps, 1 repeat; writes only where --out/--results say")
-    parser.add_argument("--out", type=Path, help="JSON results (default docs/results/bench_loop.json)")
-    parser.add_argument("--results", type=Path, help="markdown to update (default docs/RESULTS.md)")
-    args = parser.parse_args()
-    if args.quick:  # a smoke test: it writes only where told, never over the real results
-        args.steps, args.repeats = 10, 1
-    else:
-        args.out = args.out or ROOT / "docs" / "results" / "bench_loop.json"
-        args.results = args.results or ROOT / "docs" / "RESULTS.md"
-
+def measure(args) -> dict:
     t_start = time.perf_counter()
     setup = make_setup(args.steps)
-    summary = summarize(measure(setup, args.repeats), setup)
-    result = {
-        "command": shlex.join(["python", "scripts/bench_loop.py", *sys.argv[1:]]),
-        "date": now(),
-        "duration_s": time.perf_counter() - t_start,
-        "machine": machine(),
-        "config": {"steps": args.steps, "repeats": args.repeats, "micro_batch_size": setup.trainer.micro_batch_size,
-                   "max_length": setup.algo.max_length, "stderr_is_tty": sys.stderr.isatty(),  # where tqdm draws
-                   "trainer": dataclasses.asdict(setup.trainer),
-                   "model": OmegaConf.to_container(setup.cfg.model),
-                   "optimizer": OmegaConf.to_container(setup.cfg.optimizer)},
-        "summary": summary,
-    }
-    print_table(summary)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.out}")
-    if args.results:
-        write_section(args.results, SECTION, markdown(result))
-        print(f"wrote {args.results}")
+    summary = summarize(measure_runs(setup, args.repeats), setup)
+    return bench.record(
+        duration_s=time.perf_counter() - t_start,
+        config={"steps": args.steps, "repeats": args.repeats, "micro_batch_size": setup.trainer.micro_batch_size,
+                "max_length": setup.algo.max_length, "stderr_is_tty": sys.stderr.isatty(),  # where tqdm draws
+                "trainer": dataclasses.asdict(setup.trainer),
+                "model": OmegaConf.to_container(setup.cfg.model),
+                "optimizer": OmegaConf.to_container(setup.cfg.optimizer)},
+        summary=summary)
 
 
 if __name__ == "__main__":
-    main()
+    bench.main(measure, markdown)

@@ -1,5 +1,5 @@
-"""Smoke test of scripts/bench_loop.py: `--quick` runs all three loops, they agree, and the
-results section is rewritten without touching the rest of RESULTS.md."""
+"""Smoke test of scripts/bench_loop.py: `--quick` runs all three loops through the harness, they
+agree, and the results section is rewritten without touching the rest of RESULTS.md."""
 import json
 import subprocess
 import sys
@@ -14,10 +14,11 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_loop.py"
 def test_quick_bench_writes_results(tmp_path):
     results = tmp_path / "RESULTS.md"
     results.write_text("# Results\n\n## Loop overhead (bench_loop)\n\nstale\n\n## Other\n\nkept\n")
-    out = tmp_path / "bench.json"
-    subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out", str(out), "--results", str(results)],
+    subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out", str(tmp_path)],
                    check=True, capture_output=True, text=True)
-    summary = json.loads(out.read_text())["summary"]
+    result = json.loads((tmp_path / "results" / "bench_loop.json").read_text())
+    assert result["config"]["steps"] == 10 and result["config"]["repeats"] == 1
+    summary = result["summary"]
     assert set(summary["median_tokens_per_s"]) == {"bare", "rlx", "trainer"}
     assert summary["loss_agreement"]["rlx_vs_bare_loss_max_abs"] < 1e-5
     text = results.read_text()
