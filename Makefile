@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 #   make install TORCH=torch          (PyPI's default Linux build includes CUDA)
 TORCH  ?= torch==2.13.0
 
-.PHONY: install test test-slow smoke base bench bench-rl bench-length bench-quant bench-robustness bench-optim bench-ptq bench-dpruner lint clean
+.PHONY: install test test-slow smoke base bench bench-quick bench-report bench-embedded bench-rollout bench-rl bench-rl-lift bench-pref bench-length bench-quant bench-robustness bench-optim bench-ptq bench-dpruner lint clean
 
 install:
 	python3 -m venv $(VENV)
@@ -34,12 +34,43 @@ smoke:
 base:
 	$(PY) scripts/build_base.py
 
+# Every scripts/bench_*.py runs through rlx/benchmark.py and takes the same flags: --quick (a smoke test of
+# small settings, written under outputs/bench-quick/, never over docs/), --report (re-render its section of
+# docs/RESULTS.md and its plots from docs/results/<name>.json, measuring nothing), --out DIR, --runs NAME...
+BENCHES := bench_loop bench_embedded bench_rollout bench_rl bench_rl_lift bench_pref bench_length_rl \
+           bench_quant_train bench_quant_robustness bench_optim bench_ptq bench_dpruner
+
+# Loop overhead: rlx's training loop against a bare PyTorch loop and HF Trainer (about 5 minutes).
 bench:
 	$(PY) scripts/bench_loop.py
+
+# The loop benchmark at 10 steps and 1 repeat (1-3 minutes on 2 cores), into outputs/bench-quick/.
+bench-quick:
+	$(PY) scripts/bench_loop.py --quick
+
+# Every section of docs/RESULTS.md and every plot, re-rendered from docs/results/*.json (seconds).
+bench-report:
+	@for b in $(BENCHES); do $(PY) scripts/$$b.py --report > /dev/null || exit 1; done
+
+# Sizes of the shipped models and data, the default SFT run, SmolLM2's Shakespeare perplexity.
+bench-embedded:
+	$(PY) scripts/bench_embedded.py
+
+# rlx's rollout engine against HF generate + a log-prob pass.
+bench-rollout:
+	$(PY) scripts/bench_rollout.py
 
 # GRPO and DPO steps/s against TRL's trainers (TRL comes with the dev extras); needs `make base`.
 bench-rl:
 	$(PY) scripts/bench_rl.py
+
+# Greedy accuracy lift of GRPO and PPO over the SFT base, paired per problem (about 15 minutes; needs `make base`).
+bench-rl-lift:
+	$(PY) scripts/bench_rl_lift.py
+
+# A reward model and DPO from the SFT base: pair accuracy before and after (about 6 minutes; needs `make base`).
+bench-pref:
+	$(PY) scripts/bench_pref.py
 
 # The accuracy-length frontier of the efficient-reasoning methods and PPO vs T-PPO (about 90 minutes on 2 CPU cores).
 bench-length:
