@@ -49,6 +49,38 @@ def paired_difference(before: list[bool], after: list[bool]) -> tuple[float, flo
     return mean_se([float(a) - float(b) for b, a in zip(before, after, strict=True)])
 
 
+def ranks(values: list[float]) -> list[float]:
+    """Ranks from 1, ties sharing their mean rank."""
+    order = sorted(range(len(values)), key=values.__getitem__)
+    out = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in order[i:j + 1]:
+            out[k] = (i + j) / 2 + 1
+        i = j + 1
+    return out
+
+
+def spearman(x: list[float], y: list[float]) -> float:
+    """Spearman's rho: the Pearson correlation of the ranks; nan with fewer than 3 points or a constant side."""
+    if len(x) < 3:
+        return float("nan")
+    rx, ry = ranks(x), ranks(y)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    var = math.sqrt(sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry))
+    return cov / var if var else float("nan")
+
+
+def concordant(x: list[float], y: list[float]) -> tuple[int, int]:
+    """How many pairs (i, j) x orders as y does (strictly, both the same way), out of all pairs."""
+    pairs = [(i, j) for i in range(len(x)) for j in range(i + 1, len(x))]
+    return sum((x[i] - x[j]) * (y[i] - y[j]) > 0 for i, j in pairs), len(pairs)
+
+
 # ---------------------------------------------------------------------------- generation
 
 

@@ -23,6 +23,7 @@ import math
 
 from rlx.benchmark import Bench, machine_line, trained, upsert
 from rlx.errors import RlxError
+from rlx.evaluate import concordant, spearman
 from rlx.paths import CONF_DIR
 
 MAX_LENGTH = 256  # algo=sft's: the calibration batch is as long as the training sequences
@@ -96,38 +97,6 @@ def measure(args) -> dict:
             result = bench.record(**budget, lr={x["optimizer"]: x["lr"] for x in runs}, runs=runs,
                                   predictors=predictors(runs))
     return result
-
-
-def ranks(values: list[float]) -> list[float]:
-    """Ranks from 1, ties sharing their mean rank."""
-    order = sorted(range(len(values)), key=values.__getitem__)
-    out = [0.0] * len(values)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-            j += 1
-        for k in order[i:j + 1]:
-            out[k] = (i + j) / 2 + 1
-        i = j + 1
-    return out
-
-
-def spearman(x: list[float], y: list[float]) -> float:
-    """Pearson correlation of the ranks; nan with fewer than 3 points or a constant side."""
-    if len(x) < 3:
-        return float("nan")
-    rx, ry = ranks(x), ranks(y)
-    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
-    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
-    var = math.sqrt(sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry))
-    return cov / var if var else float("nan")
-
-
-def concordant(x: list[float], y: list[float]) -> tuple[int, int]:
-    """How many run pairs the metric orders as the target does, out of all pairs (any n >= 2)."""
-    pairs = [(i, j) for i in range(len(x)) for j in range(i + 1, len(x))]
-    return sum((x[i] - x[j]) * (y[i] - y[j]) > 0 for i, j in pairs), len(pairs)
 
 
 def label(r: dict, runs: list[dict]) -> str:

@@ -56,3 +56,15 @@ def test_sampled_answers_groups_each_problem():
     assert all(1 <= n <= 4 for g in out["lengths"] for n in g)
     again = sampled_answers(model, tokenizer, task, examples, samples=2, max_new_tokens=4, batch_size=4)
     assert again["texts"] == out["texts"]  # the seeded generator: the same draws
+
+
+def test_rank_statistics_by_hand():
+    from rlx.evaluate import concordant, ranks, spearman
+
+    assert ranks([10.0, 20.0, 20.0, 30.0]) == [1.0, 2.5, 2.5, 4.0]
+    assert ranks([3.0, 1.0, 2.0]) == [3.0, 1.0, 2.0]
+    assert spearman([1, 2, 3], [1, 3, 2]) == pytest.approx(0.5)  # 1 - 6 * 2 / (3 * 8)
+    assert spearman([1, 2, 3], [30, 20, 10]) == pytest.approx(-1.0)
+    assert math.isnan(spearman([1, 2], [1, 2])) and math.isnan(spearman([1, 2, 3], [5, 5, 5]))
+    assert concordant([1, 2, 3], [1, 3, 2]) == (2, 3)
+    assert concordant([1, 1], [1, 2]) == (0, 1)  # a tie orders nothing
