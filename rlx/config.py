@@ -22,15 +22,30 @@ from rlx.errors import RlxError
 from rlx.paths import CONF_DIR
 
 GROUPS = ("algo", "model", "optimizer", "quantizer", "data", "reward", "logger", "hooks", "experiment")  # rlx train
-ALL_GROUPS = (*GROUPS, "method")  # `method`: rlx quantize's
+# Groups of one command only, in conf/<command>/<group>/ (the command's config adds that folder to
+# Hydra's search path), so `rlx quantize method=wanda` is Hydra's own unknown-option error.
+COMMAND_GROUPS = {"quantize": ("method",), "prune": ("method",)}
+ALL_GROUPS = (*GROUPS, *(f"{c}/{g}" for c, groups in COMMAND_GROUPS.items() for g in groups))  # as `rlx ls` names them
+
+# `${rlx_conf:quantize}`: conf/quantize as an absolute path, for `hydra.searchpath`.
+OmegaConf.register_new_resolver("rlx_conf", lambda sub="": str(CONF_DIR / sub), replace=True)
 
 
-def group_options(group: str) -> list[str]:
-    """The options of a config group: the YAML files in conf/<group>/."""
-    folder = CONF_DIR / group
-    if not folder.is_dir():
+def group_options(group: str, command: str | None = None) -> list[str]:
+    """The options of a config group: the YAML files in conf/<group>/, or in conf/<command>/<group>/
+    for a group of one command (`group` may also be written "quantize/method")."""
+    folder = CONF_DIR / command / group if command in COMMAND_GROUPS and group in COMMAND_GROUPS[command] \
+        else CONF_DIR / group
+    if not folder.is_dir() or group in COMMAND_GROUPS.get(None, ()):
         raise RlxError(f"unknown config group {group!r}; groups: {', '.join(ALL_GROUPS)}")
     return sorted(p.stem for p in folder.glob("*.yaml"))
+
+
+def require_complete(cfg: DictConfig) -> None:
+    """A value a config declares required (`???`) and nobody gave stops the run in one line."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise RlxError(f"Missing mandatory value: {', '.join(missing)} (the config marks it ???): add {missing[0]}=...")
 
 
 @contextmanager
@@ -61,7 +76,7 @@ def explain(e: Exception, name: str = "train", overrides: list[str] | None = Non
     """One line for a Hydra composition error: what was wrong and what is valid."""
     if isinstance(e, MissingConfigException) and e.missing_cfg_file and "/" in e.missing_cfg_file:
         group, option = e.missing_cfg_file.rsplit("/", 1)
-        valid = e.options or group_options(group)
+        valid = e.options or group_options(group, name)
         return f"unknown {group} option {option!r}; valid: {', '.join(valid)}"
     text = str(e)
     m = re.search(r"Could not override '([^']+)'", text)

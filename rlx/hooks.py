@@ -9,19 +9,23 @@ The loop calls, per run and per optimizer step:
     on_train_end
 
 Every event receives the `TrainState` and may mutate it (the model, its gradients, the
-optimizer, `state.extra`). Methods inject themselves here: ECO error feedback around the
+optimizer). Methods inject themselves here: ECO error feedback around the
 optimizer step, QAT phase switches at step start, gradient splitting after backward.
 A hook that wants to change the loss belongs in the algorithm instead.
 
 A hook with state implements `state_dict`/`load_state_dict`; it is checkpointed with the run.
 A hook that reports numbers (a memory report, a phase switch) puts them in its `metrics` dict;
-the loop logs and clears them after each step and at the end of the run.
+the loop logs and clears them after each step and at the end of the run. A hook that holds
+tensors of its own outside the model and the loop's optimizer (EQ-Net's Adam over its LSQ steps)
+yields them from `held_tensors`, so the memory report counts them.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 if TYPE_CHECKING:
+    from torch import Tensor
+
     from rlx.state import TrainState
 
 EVENTS = (
@@ -59,6 +63,9 @@ class Hook:
 
     def load_state_dict(self, state: dict) -> None: ...
 
+    def held_tensors(self) -> Iterator[Tensor]:
+        return iter(())
+
 
 class HookList:
     """Calls each hook's event in order; `hooks.on_step_start(state)` etc. Hooks are named
@@ -86,6 +93,10 @@ class HookList:
                 out.update(hook.metrics)
                 hook.metrics = {}
         return out
+
+    def held_tensors(self) -> Iterator[Tensor]:
+        for hook in self.hooks:
+            yield from hook.held_tensors()
 
     def state_dict(self) -> dict[str, dict]:
         return {name: h.state_dict() for name, h in self.named.items()}

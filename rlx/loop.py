@@ -165,7 +165,7 @@ def train(state: TrainState, algo, hooks: HookList, logger, *, seed: int = 0,
             reported = hooks.pop_metrics()  # one-off values (a phase switch, a hook's scratch): not averaged
             if first:
                 reported["memory/step_peak_MB"] = peak.stop()
-                reported.update({f"memory/{k}": v for k, v in memory_report(model, state.optimizer).items()})
+                reported.update({f"memory/{k}": v for k, v in memory_report(model, state.optimizer, hooks.held_tensors()).items()})
 
             for k, v in step_metrics.items():
                 window[k] = window.get(k, 0.0) + v

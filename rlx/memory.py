@@ -1,7 +1,7 @@
 """What a run holds between optimizer steps, and the peak of a step, measured from the tensors.
 
 Bytes are summed over distinct storages (tied weights and views count once), so a parameter
-that holds a one-element placeholder while its values live as codes (rlx/quant/stored.py)
+that holds a one-element placeholder while its values live as codes (rlx/quantizers/stored.py)
 costs its codes, not its shape. Modules that keep tensors outside parameters and buffers
 expose them through a `held_tensors()` method.
 """
@@ -58,9 +58,11 @@ def _group_label(group: dict, index: int) -> str:
     return f"{index}_{group['kind']}" if "kind" in group else str(index)  # e.g. FRUGAL's regular/projectable
 
 
-def memory_report(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, float]:
-    """MB held by the model's weights and by the optimizer's state (each storage counted once),
-    with the state of each parameter group under `optimizer_MB/group<label>`."""
+def memory_report(model: nn.Module, optimizer: torch.optim.Optimizer,
+                  hook_tensors: Iterable[torch.Tensor] = ()) -> dict[str, float]:
+    """MB held by the model's weights, by the optimizer's state (each storage counted once), with
+    the state of each parameter group under `optimizer_MB/group<label>`, and by the hooks outside
+    both (`hooks_MB`: e.g. EQ-Net's own Adam over its LSQ steps)."""
     seen: set = set()
     weights = _storage_bytes(_model_tensors(model), seen)
     report, states = {}, 0
@@ -69,7 +71,9 @@ def memory_report(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[st
         held = _storage_bytes(_optimizer_tensors_of(per_param), seen)
         report[f"optimizer_MB/group{_group_label(group, i)}"] = held / MB
         states += held
-    return {"weights_MB": weights / MB, "optimizer_MB": states / MB, "held_MB": (weights + states) / MB, **report}
+    hooks = _storage_bytes(hook_tensors, seen)
+    return {"weights_MB": weights / MB, "optimizer_MB": states / MB, "hooks_MB": hooks / MB,
+            "held_MB": (weights + states + hooks) / MB, **report}
 
 
 # ---------------------------------------------------------------------------- the peak of a step

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from rlx.data.collate import IGNORE, lm_batch, token_nll
 from rlx.errors import RlxError
 from rlx.hooks import Hook
-from rlx.quant.formats import IntN
+from rlx.quantizers.formats import IntN
 
 # ---------------------------------------------------------------------------- outlier statistics
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,6 @@ class TrainState:
     tokens: int = 0  # target tokens trained on
     run_dir: Path | None = None  # the run's folder: where checkpoints go and hooks write their exports
     trainer: Any = None  # the run's TrainerConfig (max_steps, grad_accum, ...), for hooks and algorithms
-    extra: dict = field(default_factory=dict)  # scratch space that hooks and algorithms share
 
 
 # ---------------------------------------------------------------------------- RNG

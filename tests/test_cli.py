@@ -6,7 +6,7 @@ from typer.testing import CliRunner
 
 from rlx.cli import app
 from rlx.config import group_options
-from tests.conftest import SMALL
+from tests.support import SMALL
 
 runner = CliRunner()
 

@@ -4,10 +4,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlx.config import GROUPS, build, compose_config, group_options
+from rlx.config import COMMAND_GROUPS, GROUPS, build, compose_config, group_options, require_complete
+from rlx.errors import RlxError
 from rlx.loop import TrainerConfig
 from rlx.paths import REPO_ROOT
-from tests.conftest import small_config
+from tests.support import small_config
 
 GSM8K = REPO_ROOT.parent / "shared" / "data" / "gsm8k"
 # Options that need what this machine may lack, and the overrides that supply it.
@@ -57,3 +58,22 @@ def test_every_option_builds(group, option, tmp_path: Path):
     else:
         obj = build(node)
     assert obj is not None
+
+
+COMPRESSION = [(c, o) for c, groups in COMMAND_GROUPS.items() for g in groups for o in group_options(g, c)]
+
+
+@pytest.mark.parametrize("command,option", COMPRESSION, ids=[f"{c}:method={o}" for c, o in COMPRESSION])
+def test_every_compression_method_composes_and_builds(command, option):
+    # D-Pruner's config declares its open-domain set required; the others' leave it optional
+    extra = ["calib.general=shakespeare"] if option == "dpruner" else []
+    cfg = compose_config(command, [f"method={option}", *extra])
+    require_complete(cfg)
+    assert build(cfg.method) is not None
+
+
+def test_a_method_of_the_other_command_is_hydras_unknown_option():
+    for command, other in (("quantize", "prune"), ("prune", "quantize")):
+        for option in group_options("method", other):
+            with pytest.raises(RlxError, match=f"unknown method option '{option}'"):
+                compose_config(command, [f"method={option}"])

@@ -5,7 +5,7 @@ from typer.testing import CliRunner
 
 from rlx.cli import app
 from rlx.tasks import run_training
-from tests.conftest import small_config
+from tests.support import small_config
 
 runner = CliRunner()
 

@@ -1,56 +1,13 @@
 """Loop invariants: accumulation equivalence, hook order and no-op hooks, exact resume,
 the NaN guard, and corrupt checkpoints."""
-import json
 import math
 
 import pytest
 import torch
 
 from rlx.errors import RlxError
-from rlx.hooks import EVENTS, Hook
 from rlx.tasks import run_training
-from tests.conftest import small_config
-
-EVENT_LOG: list[str] = []
-
-
-class Recorder(Hook):
-    """Records every event; changes nothing."""
-
-    def __getattribute__(self, name):
-        if name in EVENTS:
-            EVENT_LOG.append(name)
-        return object.__getattribute__(self, name)
-
-
-class InterruptAt(Hook):
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_start(self, state):
-        if state.step == self.step:
-            raise KeyboardInterrupt
-
-
-class PoisonAt(Hook):
-    """Writes a NaN into the weights at `step`, as a diverging run would."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_start(self, state):
-        if state.step == self.step:
-            with torch.no_grad():
-                next(state.model.parameters()).fill_(float("nan"))
-
-
-def losses(run_dir) -> list[float]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["train/loss"] for r in rows if "train/loss" in r]
-
-
-def hook(name: str, target: str, **kwargs) -> list[str]:
-    return [f"+hooks.{name}._target_={target}", *(f"+hooks.{name}.{k}={v}" for k, v in kwargs.items())]
+from tests.support import EVENT_LOG, hook, losses, small_config
 
 
 def test_micro_batch_times_accumulation_is_invariant(tmp_path):
@@ -66,7 +23,7 @@ def test_micro_batch_times_accumulation_is_invariant(tmp_path):
 def test_noop_hook_sees_events_in_order_and_changes_nothing(tmp_path):
     EVENT_LOG.clear()
     run_training(small_config("trainer.max_steps=3"), tmp_path / "plain")
-    run_training(small_config("trainer.max_steps=3", *hook("rec", "tests.test_loop.Recorder")), tmp_path / "hooked")
+    run_training(small_config("trainer.max_steps=3", *hook("rec", "tests.support.Recorder")), tmp_path / "hooked")
     assert losses(tmp_path / "plain") == losses(tmp_path / "hooked")
     step = ["on_step_start", "on_after_backward", "on_before_optimizer_step", "on_step_end"]
     assert EVENT_LOG == ["on_train_start", *step * 3, "on_train_end"]
@@ -76,14 +33,14 @@ def test_interrupted_run_resumes_the_same_trajectory(tmp_path):
     common = ["trainer.max_steps=6", "trainer.save_every=3", "trainer.eval_every=0"]
     run_training(small_config(*common), tmp_path / "straight")
     with pytest.raises(KeyboardInterrupt):
-        run_training(small_config(*common, *hook("stop", "tests.test_loop.InterruptAt", step=3)), tmp_path / "cut")
+        run_training(small_config(*common, *hook("stop", "tests.support.InterruptAt", step=3)), tmp_path / "cut")
     assert losses(tmp_path / "cut") == pytest.approx(losses(tmp_path / "straight")[:3], abs=1e-6)
     run_training(small_config(*common, "trainer.resume=auto"), tmp_path / "cut")
     assert losses(tmp_path / "cut") == pytest.approx(losses(tmp_path / "straight"), abs=1e-6)
 
 
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
-    cfg = small_config("trainer.max_steps=6", "trainer.save_every=2", *hook("nan", "tests.test_loop.PoisonAt", step=3))
+    cfg = small_config("trainer.max_steps=6", "trainer.save_every=2", *hook("nan", "tests.support.PoisonAt", step=3))
     with pytest.raises(RlxError, match="loss is nan at step 4"):
         run_training(cfg, tmp_path)
     last = (tmp_path / "checkpoints" / "last").resolve()

@@ -43,3 +43,11 @@ def test_close_stops_a_profiler_left_running():
     peak.close()  # as the loop does when a step raises
     assert peak.profiler is None
     peak.close()  # and again is harmless
+
+
+def test_tensors_a_hook_holds_are_counted_once():
+    model, opt = model_and_adamw()
+    own = torch.zeros(1024)  # 4 KB a hook keeps outside the model and the optimizer
+    report = memory_report(model, opt, [own, own, model[0].weight])  # a model weight is not counted twice
+    assert report["hooks_MB"] == pytest.approx(4096 / MB)
+    assert report["held_MB"] == pytest.approx(report["weights_MB"] + report["optimizer_MB"] + report["hooks_MB"])

@@ -52,7 +52,7 @@ def test_a_correct_long_answer_can_sit_below_its_groups_mean_under_the_naive_pen
 
 def test_length_penalty_in_a_grpo_config(tmp_path):
     from rlx.tasks import run_training
-    from tests.conftest import small_config
+    from tests.support import small_config
 
     run_training(small_config("algo=grpo", "reward=length_penalty", "algo.group_size=2", "algo.max_new_tokens=8",
                               "trainer.micro_batch_size=2"), tmp_path)

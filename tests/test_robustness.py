@@ -8,8 +8,8 @@ import torch
 from rlx.data.collate import lm_batch
 from rlx.errors import RlxError
 from rlx.models import tiny
-from rlx.quant.formats import IntN
-from rlx.quant.metrics import (
+from rlx.quantizers.formats import IntN
+from rlx.robustness import (
     RobustnessProbe,
     kurtosis,
     max_to_mean,
@@ -21,7 +21,7 @@ from rlx.quant.metrics import (
     split_error,
 )
 from rlx.tasks import run_training
-from tests.conftest import small_config
+from tests.support import small_config
 
 
 def linear_pair():

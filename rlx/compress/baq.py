@@ -1,7 +1,7 @@
 """BAQ's bit allocation (Zhang et al., 2025): per-column bit-widths for GPTQ under an average budget.
 
 GPTQ charges column j of a layer the loss (w_j − q_j)² / d_j², where d_j is the j-th diagonal entry
-of the upper Cholesky factor of H⁻¹ (rlx/quant/gptq.py). A uniform quantizer at R bits leaves an
+of the upper Cholesky factor of H⁻¹ (rlx/compress/gptq.py). A uniform quantizer at R bits leaves an
 error variance ∝ 2^{−2R}, so the layer's loss is about
 
     L(R) = Σ_j c_j 2^{−2 R_j},   c_j ∝ 1 / d_j²   (the row ranges are shared by every column),

@@ -69,7 +69,7 @@ class DPruner:
 
     def general_map(self, model: nn.Module, general: list[dict], progress: bool = True) -> dict[str, Tensor]:
         """G for every prunable layer from the open-domain batches, each scaled to max 1."""
-        from rlx.quant.ptq import calibrated_layers
+        from rlx.compress.ptq import calibrated_layers
 
         maps = {}
         for name, layer, h in calibrated_layers(model, general, progress, "general importance"):
@@ -80,6 +80,9 @@ class DPruner:
     def scores(self, model: nn.Module, general: list[dict], domain: list[dict],
                progress: bool = True) -> dict[str, Tensor]:
         """S for every prunable layer (by qualified name); `model` is left exactly as it came."""
+        if general is None:
+            raise RlxError("method=dpruner needs an open-domain calibration set besides the domain task: give "
+                           "calib.general=shakespeare (any option of the data group)")
         from tqdm.auto import tqdm
 
         g_map = self.general_map(model, general, progress)

@@ -3,7 +3,7 @@
 * `magnitude`: drop the weights of smallest |W_ij| across the layer.
 * `wanda` (Sun et al., 2024): score |W_ij| · ‖X_j‖ (the input feature's norm over the calibration
   tokens, √H_jj) and drop the lowest within each output row, the comparison group the paper uses.
-* `dpruner` (`rlx/quant/dpruner.py`): scores every layer from the whole model first (general
+* `dpruner` (`rlx/compress/dpruner.py`): scores every layer from the whole model first (general
   importance on an open-domain set, then a regularized domain fine-tune), then drops the lowest
   score within each layer.
 
@@ -38,12 +38,23 @@ def keep_mask(score: Tensor, sparsity: float, per_row: bool, n_m: tuple[int, int
     return keep.reshape(score.shape)
 
 
+# A prune method is called per layer, `method(w, h, sparsity, n_m) -> keep mask`, after
+# `method.scores(model, general, domain, progress)` gave it the chance to score the whole model first:
+# a dict of scores by layer name (D-Pruner), or None for a method that scores layer by layer.
+
+
 class Magnitude:
+    def scores(self, model, general, domain, progress=True) -> None:
+        return None  # scored per layer from |W|
+
     def __call__(self, w: Tensor, h: Tensor, sparsity: float, n_m=None) -> Tensor:
         return keep_mask(w.abs(), sparsity, per_row=False, n_m=n_m)
 
 
 class Wanda:
+    def scores(self, model, general, domain, progress=True) -> None:
+        return None  # scored per layer from |W| and the calibration inputs' norms
+
     def __call__(self, w: Tensor, h: Tensor, sparsity: float, n_m=None) -> Tensor:
         return keep_mask(w.abs() * torch.diag(h).clamp_min(0).sqrt()[None, :], sparsity, per_row=True, n_m=n_m)
 
@@ -51,18 +62,18 @@ class Wanda:
 def prune_model(model, method, batches: list[dict], sparsity: float, n_m=None, progress: bool = True,
                 general: list[dict] | None = None) -> dict:
     """Prune `model` in place, block by block; returns the report (per-layer sparsity and error, time).
-    A method with `scores(model, general, domain)` (D-Pruner) scores the whole model first, on the
-    open-domain `general` batches and the domain `batches`."""
+    A method whose `scores(model, general, domain)` returns scores (D-Pruner) scores the whole model
+    first, on the open-domain `general` batches and the domain `batches`."""
     import time
 
-    from rlx.quant.ptq import calibrated_layers, relative_error
+    from rlx.compress.ptq import calibrated_layers, relative_error
 
     t0 = time.perf_counter()
-    scores = method.scores(model, general, batches, progress) if hasattr(method, "scores") else None
+    scores = method.scores(model, general, batches, progress)
     layers, zeros, total = {}, 0, 0
     for name, layer, h in calibrated_layers(model, batches, progress, "prune"):
         w = layer.weight.data.float()
-        keep = keep_mask(scores[name], sparsity, per_row=False, n_m=n_m) if scores else method(w, h, sparsity, n_m)
+        keep = keep_mask(scores[name], sparsity, per_row=False, n_m=n_m) if scores is not None else method(w, h, sparsity, n_m)
         pruned = w * keep
         layers[name] = {"sparsity": (pruned == 0).float().mean().item(), "relative_error": relative_error(w, pruned, h)}
         layer.weight.data.copy_(pruned.to(layer.weight.dtype))

@@ -5,7 +5,7 @@ stops there), with the blocks before it already quantized, so each layer's Hessi
 taken over the inputs it will see after quantization (GPTQ's sequential scheme, block by block:
 the linear layers inside one block share one pass). Then every attention/MLP linear layer of the
 block is replaced by its quantized weights. Embeddings and the LM head stay as they are. Every
-method returns integer codes on per-row grids (`rlx.quant.gptq.Codes`): the model gets their
+method returns integer codes on per-row grids (`rlx.compress.gptq.Codes`): the model gets their
 decoded weights, and the codes go to a sidecar.
 
 Methods (`conf/method/`): `rtn` (round-to-nearest), `gptq`, `baq` (GPTQ with BAQ's per-column
@@ -19,10 +19,10 @@ import time
 import torch
 from torch import Tensor, nn
 
+from rlx.compress.baq import baq_bits
+from rlx.compress.gptq import Codes, gptq, rtn
 from rlx.errors import RlxError
-from rlx.lowrank import target_layers
-from rlx.quant.baq import baq_bits
-from rlx.quant.gptq import Codes, gptq, rtn
+from rlx.layers import target_layers
 
 
 class RTN:

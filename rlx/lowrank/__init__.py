@@ -5,11 +5,8 @@ chosen at build time) and TRP (periodic rank truncation during training, then a 
     rlx train 'model.parameterization={name:lost,rank:0.25,sparsity:0.05,gamma:0.7}'
     rlx train hooks=trp hooks.trp.energy=0.95                               # TRP with a looser truncation
 
-Both act on the same layers: the linear maps inside attention and MLP blocks, found by module type
-(`nn.Linear`, or transformers' `Conv1D` as in GPT-2) and by a name pattern on the module's last name
-(`TARGETS`: Llama/Qwen/Mistral q/k/v/o/gate/up/down_proj, GPT-2 c_attn/c_proj/c_fc, GPT-NeoX/Falcon
-query_key_value/dense*, OPT out_proj/fc1/fc2, ...). Embeddings and the LM head are never targets,
-also not when a pattern happens to match them (a weight tied to the embeddings is skipped).
+Both act on the same layers: the linear maps inside attention and MLP blocks (`rlx.layers.target_layers`,
+the rule rlx/layers.py states beside the others).
 
 `parameterize(model, spec)` is the one place that maps `model.parameterization` to a surgery; a
 new parameterization is one more entry there.
@@ -17,53 +14,11 @@ new parameterization is one more entry there.
 from __future__ import annotations
 
 import inspect
-import re
 from collections.abc import Mapping
 
-import torch
 from torch import nn
 
 from rlx.errors import RlxError
-
-TARGETS = (
-    r"(?:^|\.)(?:q_proj|k_proj|v_proj|o_proj|qkv_proj|gate_proj|up_proj|down_proj|gate_up_proj"
-    r"|c_attn|c_proj|c_fc|query_key_value|dense|dense_h_to_4h|dense_4h_to_h|out_proj|fc1|fc2"
-    r"|wq|wk|wv|wo|w1|w2|w3)$"
-)
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    """transformers' `Conv1D` (GPT-2): a linear map whose weight is stored (in, out)."""
-    return type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None
-
-
-def target_layers(model: nn.Module, pattern: str | None = TARGETS) -> dict[str, nn.Module]:
-    """The attention/MLP linear layers of `model` by qualified name, in module order (`pattern` None: TARGETS)."""
-    pattern = TARGETS if pattern is None else pattern
-    try:
-        regex = re.compile(pattern)
-    except re.error as e:
-        raise RlxError(f"bad layer pattern {pattern!r}: {e}") from None
-    embeddings = set()
-    for get in ("get_input_embeddings", "get_output_embeddings"):
-        layer = getattr(model, get, lambda: None)()
-        if layer is not None and getattr(layer, "weight", None) is not None:
-            embeddings.add(id(layer.weight))
-    out = {}
-    for name, module in model.named_modules():
-        if not (isinstance(module, nn.Linear) or is_conv1d(module)) or not regex.search(name):
-            continue
-        if id(module.weight) in embeddings or name.split(".")[-1] == "lm_head":
-            continue
-        out[name] = module
-    return out
-
-
-def out_in(module: nn.Module, weight: torch.Tensor | None = None) -> torch.Tensor:
-    """The layer's matrix as (out_features, in_features), whichever way it is stored."""
-    w = module.weight if weight is None else weight
-    return w.t() if is_conv1d(module) else w
-
 
 # ---------------------------------------------------------------------------- model.parameterization
 

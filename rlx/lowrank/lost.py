@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rlx.errors import RlxError
-from rlx.lowrank import TARGETS, out_in, target_layers
+from rlx.layers import TARGETS, out_in, target_layers
 
 ACTIVATIONS = {"silu": F.silu, "relu": F.relu, "gelu": F.gelu, "none": None}
 INITS = ("svd", "random")

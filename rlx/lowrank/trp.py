@@ -9,7 +9,7 @@ Xu et al., "Trained Rank Pruning for Efficient Deep Neural Networks", arXiv 1812
 
 The paper trains CNNs and reshapes each kernel into a matrix (channel-wise or spatial-wise); for a
 linear layer the matrix is the weight itself, so there is no reshaping choice here. Targets are
-the attention/MLP linear layers (rlx/lowrank, `TARGETS`); embeddings and the LM head stay dense.
+the attention/MLP linear layers (`rlx.layers.TARGETS`); embeddings and the LM head stay dense.
 
 At optimizer steps t = z·period (t = 0, period, 2·period, ...), at the start of the step:
 
@@ -51,7 +51,7 @@ from safetensors.torch import save_file
 
 from rlx.errors import RlxError
 from rlx.hooks import Hook
-from rlx.lowrank import TARGETS, out_in, target_layers
+from rlx.layers import TARGETS, out_in, target_layers
 
 # ---------------------------------------------------------------------------- pure functions
 
@@ -127,7 +127,6 @@ class TRP(Hook):
     def on_step_start(self, state) -> None:
         if state.step % self.period == 0:
             ranks = self.substitute()
-            state.extra["trp"] = {"step": state.step, "ranks": ranks}
             self.metrics.update(_rank_metrics("trp/", ranks, self._full_ranks()))
 
     def on_after_backward(self, state) -> None:

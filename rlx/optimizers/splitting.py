@@ -15,7 +15,7 @@ G every `update_gap` steps (rlx/optimizers/projectors.py):
 
 with rule = sign (signSGD), identity (SGD), 0 (`none`: GaLore, BAdam) or Fira's norm-matched
 scaling with its growth limiter (rlx/optimizers/fira.py). Parameters the rule in
-rlx/optimizers/param_groups.py does not call projectable (embeddings, norms, LM head, biases)
+`rlx.layers.split_named` does not call projectable (embeddings, norms, LM head, biases)
 get plain AdamW. Choices the papers leave to the code:
 
 * The state-free step is η·state_free_lr_scale and does not include `scale`: Fira leaves its
@@ -42,8 +42,8 @@ import torch
 from torch import Tensor
 
 from rlx.errors import RlxError
+from rlx.layers import PROJECTABLE, split_named
 from rlx.optimizers.fira import limit_growth, norm_scaling
-from rlx.optimizers.param_groups import PROJECTABLE, split_named
 from rlx.optimizers.projectors import (
     COORD_KINDS,
     KINDS,

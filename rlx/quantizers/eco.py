@@ -6,7 +6,7 @@ two baselines it is measured against.
     rlx train quantizer=no_master                    # the same storage, residual dropped
     rlx train quantizer=master                       # fp32 master weights, quantized forward
 
-The trainable linear layers hold only codes (rlx/quant/stored.py). Each step the base optimizer
+The trainable linear layers hold only codes (rlx/quantizers/stored.py). Each step the base optimizer
 (any torch SGD-momentum or Adam/AdamW) proposes W~ = Ŵ - η·U from the quantized Ŵ; W~ is encoded
 again, and the rounding residual E = W~ - q(W~) is folded into the first moment so the next
 steps re-apply it. With a constant LR this is the paper's momentum pull-back (E_t ≈ E_{t+1}):
@@ -48,8 +48,9 @@ from torch import Tensor
 
 from rlx.errors import RlxError
 from rlx.hooks import Hook
-from rlx.quant.formats import Quantized, check_rounding, make_format
-from rlx.quant.stored import FakeQuantLinear, StoredLinear, swap_modules, trainable_linears
+from rlx.layers import trainable_linears
+from rlx.quantizers.formats import Quantized, check_rounding, make_format
+from rlx.quantizers.stored import FakeQuantLinear, StoredLinear, swap_modules
 
 # ---------------------------------------------------------------------------- the corrections
 

@@ -36,6 +36,7 @@ from safetensors.torch import save_file
 
 from rlx.errors import RlxError
 from rlx.hooks import Hook
+from rlx.layers import trainable_linears
 
 LAW_A = 6.7297  # the fitted constant of f = exp(-a / ln S)
 
@@ -72,19 +73,17 @@ def _int_dtype(bits: int) -> torch.dtype:
 class QAT(Hook):
     def __init__(self, bits: int = 4, group_size: int = 32, act_bits: int | None = None,
                  start: float | int | str = "compute_optimal", tokens: float | None = None,
-                 fuse_cooldown: bool = False, cooldown: float | None = None, total_steps: int = 1,
-                 lr_scheduler: str = "constant", skip: tuple[str, ...] | list[str] = ("lm_head",),
+                 fuse_cooldown: bool = False, cooldown: float | None = None,
+                 skip: tuple[str, ...] | list[str] = ("lm_head",),
                  enabled: bool = True, export: bool = True):
         self.bits, self.group_size, self.act_bits = bits, group_size, act_bits
         self.weight_dtype = _int_dtype(bits)
         if act_bits is not None:
             _int_dtype(act_bits)
-        self.start, self.tokens, self.total = start, tokens, total_steps
+        self.start, self.tokens = start, tokens
+        self.total = 1  # the run's steps (trainer.max_steps), known at on_train_start
         self.fused, self.cooldown = fuse_cooldown, cooldown
         self.owns_lr = fuse_cooldown or bool(cooldown)
-        if self.owns_lr and lr_scheduler not in ("constant", "constant_with_warmup"):
-            raise RlxError("quantizer=qat with fuse_cooldown or cooldown sets the LR decay itself: "
-                           "use trainer.lr_scheduler=constant_with_warmup (or constant)")
         if start != "compute_optimal" and not (isinstance(start, (int, float)) and start >= 0):
             raise RlxError(f"quantizer.start={start!r}: use compute_optimal, a fraction in [0, 1) or a step")
         self.skip, self.enabled, self.export = tuple(skip), enabled, export
@@ -96,6 +95,10 @@ class QAT(Hook):
     def on_train_start(self, state) -> None:
         if not self.enabled:
             return
+        self.total = state.trainer.max_steps
+        if self.owns_lr and state.trainer.lr_scheduler not in ("constant", "constant_with_warmup"):
+            raise RlxError("quantizer=qat with fuse_cooldown or cooldown sets the LR decay itself: "
+                           "use trainer.lr_scheduler=constant_with_warmup (or constant)")
         self._install(state.model)
         if self.switch is None and self.start != "compute_optimal":
             self.switch = round(self.start * self.total) if self.start < 1 else int(self.start)
@@ -141,8 +144,10 @@ class QAT(Hook):
         weights = IntxFakeQuantizeConfig(self.weight_dtype, group_size=self.group_size, is_symmetric=True)
         acts = (IntxFakeQuantizeConfig(_int_dtype(self.act_bits), "per_token", is_symmetric=False)
                 if self.act_bits is not None else None)
+        chosen = {id(m) for _, m in trainable_linears(model, self.skip)}
+
         def wanted(m, name):
-            return isinstance(m, torch.nn.Linear) and m.weight.requires_grad and not name.endswith(self.skip)
+            return id(m) in chosen
         with torch.random.fork_rng(devices=[]):  # new layers draw an init that is then replaced
             quantize_(model, QATConfig(activation_config=acts, weight_config=weights, step="prepare"), filter_fn=wanted)
         from torchao.quantization.qat.linear import FakeQuantizedLinear

@@ -2,7 +2,7 @@
 
 `StoredLinear` keeps the original `nn.Parameter` object (so the optimizer built before the swap
 still owns it), but between optimizer steps that parameter holds a one-element placeholder and
-the weight exists only as codes plus scales (rlx/quant/formats.py). The forward decodes the
+the weight exists only as codes plus scales (rlx/quantizers/formats.py). The forward decodes the
 weight (a transient fp32 tensor, freed with the step's activations) and hands its gradient to the
 placeholder, so `p.grad` is the gradient at the quantized weights. Around the optimizer step the
 quantizer hook materializes `p.data` in fp32, lets the base optimizer update it, and encodes it
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rlx.quant.formats import Quantized
+from rlx.quantizers.formats import Quantized
 
 
 class _Decoded(torch.autograd.Function):
@@ -96,13 +96,6 @@ class FakeQuantLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, _StraightThrough.apply(self.weight, self.quantize), self.bias)
-
-
-def trainable_linears(model: nn.Module, skip: tuple[str, ...]) -> list[tuple[str, nn.Linear]]:
-    """The `nn.Linear` layers with a trainable weight whose names end in none of `skip`
-    (the LM head and embeddings stay in full precision by default, as in the ECO paper)."""
-    return [(name, m) for name, m in model.named_modules()
-            if isinstance(m, nn.Linear) and m.weight.requires_grad and not name.endswith(tuple(skip))]
 
 
 def swap_modules(model: nn.Module, layers: list[tuple[str, nn.Module]], make: Callable[[nn.Module], nn.Module]) -> dict:

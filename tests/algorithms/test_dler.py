@@ -15,7 +15,7 @@ from rlx.rewards import WeightedSum
 from rlx.state import TrainState
 from rlx.tasks import run_training
 from tests.algorithms.test_grpo import SMALL, TASK, Alternating, Constant
-from tests.conftest import small_config
+from tests.support import small_config
 
 REWARDS = torch.tensor([1.0, 0, 0, 0, 1, 1, 0, 0])
 

@@ -27,8 +27,7 @@ from rlx.rewards import Correctness, LengthPenalty, WeightedSum
 from rlx.rollout import Rollout
 from rlx.state import TrainState
 from rlx.tasks import run_training
-from tests.conftest import small_config
-from tests.test_loop import hook, losses
+from tests.support import hook, losses, small_config
 
 SMALL = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64}
 TASK = ReasoningTask(num_train=16, num_validation=2, num_test=2)
@@ -382,7 +381,7 @@ def factors(run_dir) -> list[float]:
 def test_interrupted_dot_resumes_with_its_pds_history(tmp_path):
     run_training(small_config(*DOT_RUN), tmp_path / "straight")
     with pytest.raises(KeyboardInterrupt):  # mid-rollout, after the first rollout set the history
-        run_training(small_config(*DOT_RUN, *hook("stop", "tests.test_loop.InterruptAt", step=3)), tmp_path / "cut")
+        run_training(small_config(*DOT_RUN, *hook("stop", "tests.support.InterruptAt", step=3)), tmp_path / "cut")
     run_training(small_config(*DOT_RUN, "trainer.resume=auto"), tmp_path / "cut")
     assert factors(tmp_path / "straight") == [1.5, 1.5, 1.2, 1.2, 1.2]  # every group passes: p = 1
     assert factors(tmp_path / "cut") == factors(tmp_path / "straight")  # without the history step 5 draws at 1.5

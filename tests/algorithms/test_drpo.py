@@ -16,7 +16,7 @@ from rlx.models import tiny
 from rlx.rewards import Correctness, WeightedSum
 from rlx.state import TrainState
 from rlx.tasks import run_training
-from tests.conftest import small_config
+from tests.support import small_config
 
 SMALL = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64}
 

@@ -15,8 +15,7 @@ from rlx.rewards import Correctness, WeightedSum
 from rlx.rollout import sequence_logprobs
 from rlx.state import TrainState
 from rlx.tasks import run_training
-from tests.conftest import small_config
-from tests.test_loop import hook, losses
+from tests.support import hook, losses, small_config
 
 SMALL = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64}
 TASK = ReasoningTask(num_train=16, num_validation=2, num_test=2)
@@ -144,7 +143,7 @@ def test_interrupted_grpo_resumes_mid_rollout_exactly(tmp_path):
     common = [*GRPO_RUN, "trainer.max_steps=4", "trainer.save_every=1"]  # a rollout lasts 2 steps
     run_training(small_config(*common), tmp_path / "straight")
     with pytest.raises(KeyboardInterrupt):
-        run_training(small_config(*common, *hook("stop", "tests.test_loop.InterruptAt", step=3)), tmp_path / "cut")
+        run_training(small_config(*common, *hook("stop", "tests.support.InterruptAt", step=3)), tmp_path / "cut")
     run_training(small_config(*common, "trainer.resume=auto"), tmp_path / "cut")
     straight = losses(tmp_path / "straight")
     assert straight[1] != 0 and straight[3] != straight[1]  # replayed minibatches: ratio != 1, so it can fail

@@ -13,7 +13,7 @@ from rlx.rollout import Rollout
 from rlx.tasks import run_training
 from tests.algorithms.test_dler import loss_of
 from tests.algorithms.test_grpo import Alternating
-from tests.conftest import small_config
+from tests.support import small_config
 
 RHO = torch.tensor([0.25, 1.0, 0.5, 0.75])
 

@@ -15,8 +15,7 @@ from rlx.rewards import Correctness, WeightedSum
 from rlx.state import TrainState
 from rlx.tasks import run_training
 from tests.algorithms.test_grpo import Alternating
-from tests.conftest import small_config
-from tests.test_loop import hook, losses
+from tests.support import hook, losses, small_config
 
 SMALL = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64}
 TASK = ReasoningTask(num_train=16, num_validation=2, num_test=2)
@@ -106,7 +105,7 @@ def test_interrupted_ppo_resumes_mid_rollout_exactly(tmp_path):
     common = [*PPO_RUN, "trainer.max_steps=6", "trainer.save_every=3"]  # a rollout lasts 4 steps
     run_training(small_config(*common), tmp_path / "straight")
     with pytest.raises(KeyboardInterrupt):
-        run_training(small_config(*common, *hook("stop", "tests.test_loop.InterruptAt", step=3)), tmp_path / "cut")
+        run_training(small_config(*common, *hook("stop", "tests.support.InterruptAt", step=3)), tmp_path / "cut")
     run_training(small_config(*common, "trainer.resume=auto"), tmp_path / "cut")
     straight = losses(tmp_path / "straight")
     assert len(set(straight)) == len(straight)  # the losses differ, so the comparison can fail

@@ -23,8 +23,7 @@ from rlx.rollout import sample
 from rlx.state import TrainState
 from rlx.tasks import run_training
 from tests.algorithms.test_grpo import Alternating
-from tests.conftest import small_config
-from tests.test_loop import hook, losses
+from tests.support import hook, losses, small_config
 
 SMALL = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64}
 TASK = ReasoningTask(num_train=64, num_validation=2, num_test=2)
@@ -259,7 +258,7 @@ def test_interrupted_tppo_resumes_with_its_pool_exactly(tmp_path):
     saved = torch.load(tmp_path / "straight" / "checkpoints" / "step_000003" / "trainer_state.pt", weights_only=False)
     assert len(saved["algo"]["rows"]) == 2 and saved["algo"]["pool"]["response_ids"].shape[1] == 5
     with pytest.raises(KeyboardInterrupt):
-        run_training(small_config(*common, *hook("stop", "tests.test_loop.InterruptAt", step=3)), tmp_path / "cut")
+        run_training(small_config(*common, *hook("stop", "tests.support.InterruptAt", step=3)), tmp_path / "cut")
     run_training(small_config(*common, "trainer.resume=auto"), tmp_path / "cut")
     straight = losses(tmp_path / "straight")
     assert len(set(straight[1:])) == 5  # step 1 has V = 0 and nothing finished: loss 0; the rest differ

@@ -1,10 +1,10 @@
-"""BAQ's bit allocation (rlx/quant/baq.py): the closed form by hand, the budget, the GPTQ limit, its gain."""
+"""BAQ's bit allocation (rlx/compress/baq.py): the closed form by hand, the budget, the GPTQ limit, its gain."""
 import pytest
 import torch
 
-from rlx.quant.baq import allocate, baq_bits, column_sensitivity, round_to_budget
-from rlx.quant.gptq import gptq
-from tests.quant.test_gptq import layer, output_error
+from rlx.compress.baq import allocate, baq_bits, column_sensitivity, round_to_budget
+from rlx.compress.gptq import gptq
+from tests.support import layer, output_error
 
 
 def test_closed_form_gives_equal_loss_per_column():

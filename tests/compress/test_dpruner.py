@@ -1,4 +1,4 @@
-"""D-Pruner (rlx/quant/dpruner.py): the general importance against the exact OBS error, the dual
+"""D-Pruner (rlx/compress/dpruner.py): the general importance against the exact OBS error, the dual
 score by hand, its limits (λ = 0: the domain Taylor score; no domain gradient: λ·G·W²), the
 penalty pulling the kept set toward the general ranking, and `rlx prune method=dpruner`."""
 import json
@@ -6,15 +6,15 @@ import json
 import pytest
 import torch
 
+from rlx.compress.dpruner import DPruner, dual_score, general_importance
+from rlx.compress.prune import keep_mask
+from rlx.compress.run import general_task, run_prune
 from rlx.config import build, compose_config
 from rlx.data.collate import lm_batch
 from rlx.errors import RlxError
 from rlx.models import hf
-from rlx.quant.dpruner import DPruner, dual_score, general_importance
-from rlx.quant.prune import keep_mask
 from rlx.seeding import seed_everything
-from rlx.tasks import _general_task, run_prune
-from tests.quant.test_ptq import SMALL
+from tests.support import SMALL_COMPRESS as SMALL
 
 
 def test_general_importance_is_the_obs_error_of_removing_one_weight():
@@ -58,7 +58,7 @@ def _setup(samples=16, batch_size=8):
         ex = task.split("train")[:samples]
         return [lm_batch(ex[i:i + batch_size], policy.tokenizer, 64) for i in range(0, samples, batch_size)]
 
-    return policy.model, batches(_general_task("shakespeare")), batches(build(cfg.data))
+    return policy.model, batches(general_task("shakespeare")), batches(build(cfg.data))
 
 
 def test_with_lam_zero_one_step_is_the_domain_taylor_score_and_the_model_is_left_as_it_was():
@@ -106,7 +106,8 @@ def test_prune_command_with_dpruner_prunes_the_original_weights(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["method=dpruner"], "needs an open-domain calibration set"),
+    (["method=dpruner"], "Missing mandatory value: calib.general"),  # its config declares it ???
+    (["method=dpruner", "calib.general=null"], "needs an open-domain calibration set"),
     (["method=dpruner", "calib.general=wikipedia"], "is not a data config"),
     (["method=dpruner", "calib.general=shakespeare", "method.lam=50"], "must stay below 1"),
 ])

@@ -1,23 +1,9 @@
-"""Round-to-nearest and GPTQ on one layer (rlx/quant/gptq.py): the grid by hand, GPTQ's limits and its gain."""
+"""Round-to-nearest and GPTQ on one layer (rlx/compress/gptq.py): the grid by hand, GPTQ's limits and its gain."""
 import pytest
 import torch
 
-from rlx.quant.gptq import Grid, column_bits, gptq, rtn
-
-
-def layer(out=32, inp=64, samples=512, seed=0):
-    """A weight and a Hessian from correlated inputs (as activations are): H = X Xᵀ."""
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(out, inp, generator=g)
-    mix = torch.randn(inp, inp, generator=g) / inp**0.5 + torch.eye(inp)
-    x = mix @ torch.randn(inp, samples, generator=g)
-    return w, x @ x.T
-
-
-def output_error(w, q, h):
-    """‖(W − Q) X‖² = trace((W − Q) H (W − Q)ᵀ), relative to ‖W X‖²."""
-    d = w - q
-    return (torch.trace(d @ h @ d.T) / torch.trace(w @ h @ w.T)).item()
+from rlx.compress.gptq import Grid, column_bits, gptq, rtn
+from tests.support import layer, output_error
 
 
 def test_grid_by_hand():

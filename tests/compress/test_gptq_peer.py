@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from rlx.quant.gptq import Grid, gptq
+from rlx.compress.gptq import Grid, gptq
 
 PEER = """
 import sys, torch

@@ -1,15 +1,15 @@
-"""Pruning (rlx/quant/prune.py, `rlx prune`): the masks by hand, exact sparsity, and the command end to end."""
+"""Pruning (rlx/compress/prune.py, `rlx prune`): the masks by hand, exact sparsity, and the command end to end."""
 import json
 
 import pytest
 import torch
 
+from rlx.compress.prune import Magnitude, Wanda, keep_mask
+from rlx.compress.run import run_prune, run_quantize
 from rlx.config import compose_config
 from rlx.errors import RlxError
 from rlx.models import hf
-from rlx.quant.prune import Magnitude, Wanda, keep_mask
-from rlx.tasks import run_prune, run_quantize
-from tests.quant.test_ptq import SMALL
+from tests.support import SMALL_COMPRESS as SMALL
 
 
 def test_magnitude_drops_the_smallest_weights_of_the_layer():
@@ -58,8 +58,8 @@ def test_prune_command_prunes_every_layer_and_nothing_else(method, extra, tmp_pa
 @pytest.mark.parametrize("run, overrides, message", [
     (run_prune, ["sparsity=1.0"], "sparsity=1.0 must lie in"),
     (run_prune, ["n_m=[3,2]"], "give \\[N, M\\]"),
-    (run_prune, ["method=gptq"], "is for rlx quantize"),
-    (run_quantize, ["method=wanda"], "is for rlx prune"),
+    (run_prune, ["method=gptq"], "unknown method option 'gptq'; valid: dpruner, magnitude, wanda"),
+    (run_quantize, ["method=wanda"], "unknown method option 'wanda'; valid: baq, gptq, hqq, rtn"),
 ])
 def test_bad_input_is_one_clear_error(run, overrides, message, tmp_path):
     name = "prune" if run is run_prune else "quantize"

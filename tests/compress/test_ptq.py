@@ -8,15 +8,12 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from rlx.cli import app
+from rlx.compress.gptq import Codes
+from rlx.compress.run import run_quantize
 from rlx.config import build, compose_config
 from rlx.errors import RlxError
 from rlx.models import hf
-from rlx.quant.gptq import Codes
-from rlx.tasks import run_quantize
-
-SMALL = ["model=tiny", "model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "model.intermediate_size=64",
-         "data.num_train=64", "data.num_validation=8", "data.num_test=8", "calib.samples=32", "eval.samples=4",
-         "eval.max_new_tokens=8", "progress=false"]
+from tests.support import SMALL_COMPRESS as SMALL
 
 
 def quantize(tmp_path, *overrides):
@@ -55,8 +52,8 @@ def test_gptq_and_baq_leave_less_output_error_than_rtn(tmp_path):
 
 def test_hqq_fits_the_weights_closer_than_round_to_nearest():
     """HQQ optimizes the grid for the weights themselves (no data): its weight error is below RTN's."""
-    from rlx.quant.gptq import rtn
-    from rlx.quant.ptq import HQQ
+    from rlx.compress.gptq import rtn
+    from rlx.compress.ptq import HQQ
 
     w = torch.randn(32, 64, generator=torch.Generator().manual_seed(0))
     for bits in (2, 3, 4):

@@ -7,12 +7,12 @@ from torch import nn
 
 from rlx.config import build
 from rlx.errors import RlxError
-from rlx.lowrank import parameterize, target_layers
+from rlx.layers import target_layers
+from rlx.lowrank import parameterize
 from rlx.lowrank.lost import LostLinear, apply_lost, lost_layer, resolve_rank, select_channels, svd_split
 from rlx.models import tiny
 from rlx.tasks import run_training
-from tests.conftest import small_config, straight_and_resumed
-from tests.test_loop import losses
+from tests.support import losses, small_config, straight_and_resumed
 
 SMALL = dict(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, device="cpu")
 

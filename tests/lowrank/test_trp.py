@@ -9,30 +9,14 @@ import torch
 from safetensors.torch import load_file
 
 from rlx.errors import RlxError
-from rlx.hooks import Hook
 from rlx.lowrank.trp import TRP, energy_rank, nuclear_subgradient, truncate
 from rlx.models import tiny
 from rlx.tasks import run_training
-from tests.conftest import small_config, straight_and_resumed
-from tests.test_loop import hook
+from tests.support import SUBSTITUTIONS, small_config, straight_and_resumed
 
 SMALL = dict(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, device="cpu")
-SUBSTITUTIONS: list = []
 
 
-class RankProbe(Hook):
-    """After backward (the weights are as the step's forward saw them), on each substitution step:
-    every target's numerical rank and the rank TRP kept."""
-
-    def on_train_start(self, state):
-        SUBSTITUTIONS.clear()
-
-    def on_after_backward(self, state):
-        record = state.extra.get("trp", {})
-        if record.get("step") == state.step:
-            model = state.model
-            ranks = {n: int(torch.linalg.matrix_rank(model.get_submodule(n).weight.detach())) for n in record["ranks"]}
-            SUBSTITUTIONS.append((state.step, ranks, dict(record["ranks"])))
 
 
 def test_energy_one_leaves_w_unchanged():
@@ -73,7 +57,7 @@ def test_substitution_keeps_the_energy_rank_and_the_nuclear_term_is_its_subgradi
 
 def test_every_target_is_at_most_the_energy_rank_right_after_a_substitution(tmp_path):
     cfg = small_config("hooks=trp", "hooks.trp.period=2", "trainer.max_steps=5",
-                       *hook("probe", "tests.lowrank.test_trp.RankProbe"))
+                       "hooks.trp._target_=tests.support.ProbedTRP")
     summary = run_training(cfg, tmp_path)
     assert [step for step, _, _ in SUBSTITUTIONS] == [0, 2, 4]
     for _, actual, kept in SUBSTITUTIONS:

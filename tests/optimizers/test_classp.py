@@ -10,7 +10,7 @@ import torch
 
 from rlx.optimizers.classp import CLASSP
 from rlx.tasks import run_training
-from tests.conftest import small_config, straight_and_resumed
+from tests.support import small_config, straight_and_resumed
 
 
 def steps(grads: list[list[float]], w0: list[float] | None = None, **kw) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,7 +4,7 @@ import torch
 
 from rlx.errors import RlxError
 from rlx.tasks import run_training
-from tests.conftest import small_config, straight_and_resumed
+from tests.support import small_config, straight_and_resumed
 
 OPTIMIZERS = {
     "adamw": [], "sgd": [], "adamw8bit": [], "lion": [], "lion8bit": [], "lion_k-nuclear": ["optimizer.kernel=nuclear"],

@@ -14,7 +14,7 @@ import torch
 
 from rlx.config import build, compose_config, group_options
 from rlx.tasks import run_training
-from tests.conftest import small_config
+from tests.support import small_config
 
 LR = 1e-2
 

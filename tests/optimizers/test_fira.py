@@ -8,7 +8,7 @@ import torch
 from rlx.errors import RlxError
 from rlx.optimizers.fira import limit_growth, norm_scaling
 from rlx.optimizers.splitting import GradientSplitting
-from tests.optimizers.test_splitting import assert_same_params, grads, small_model, splitting
+from tests.support import assert_same_params, grads, small_model, splitting
 
 
 def test_limiter_caps_norm_growth_at_gamma():

@@ -12,7 +12,7 @@ import torch
 
 from rlx.optimizers.lion_k import KERNELS, LionK, dual_norm, l2_grad, nuclear_grad
 from rlx.tasks import run_training
-from tests.conftest import small_config, straight_and_resumed
+from tests.support import small_config, straight_and_resumed
 
 LIONS = {
     "bnb": lambda params, **kw: bnb.optim.Lion(params, **kw),

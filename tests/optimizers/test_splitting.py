@@ -2,21 +2,10 @@
 import pytest
 import torch
 
-from rlx.models import tiny
-from rlx.optimizers.param_groups import split_named
+from rlx.layers import split_named
 from rlx.optimizers.projectors import Coordinates, Full, Subspace, block_selection, subspace_size
 from rlx.optimizers.splitting import GradientSplitting
-
-
-def small_model(seed=0):
-    return tiny(hidden_size=16, num_layers=2, num_heads=2, intermediate_size=40, device="cpu").model
-
-
-def grads(model, seed):
-    """A fixed pseudo-gradient per parameter and step (no forward pass needed)."""
-    g = torch.Generator().manual_seed(seed)
-    for p in model.parameters():
-        p.grad = torch.randn(p.shape, generator=g)
+from tests.support import assert_same_params, grads, small_model, splitting
 
 
 def run(model, optimizer, steps):
@@ -25,14 +14,8 @@ def run(model, optimizer, steps):
         optimizer.step()
 
 
-def splitting(model, **kw):
-    kw = {"lr": 1e-2, "betas": (0.9, 0.95), **kw}
-    return GradientSplitting(model.named_parameters(), **kw)
 
 
-def assert_same_params(a, b, **tol):
-    for (name, p), q in zip(a.named_parameters(), b.parameters()):
-        torch.testing.assert_close(p, q, msg=name, **tol)
 
 
 # ---------------------------------------------------------------------------- which parameters are projected

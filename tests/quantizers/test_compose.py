@@ -2,7 +2,7 @@
 import pytest
 
 from rlx.tasks import run_training
-from tests.conftest import small_config
+from tests.support import small_config
 
 QUANTIZERS = [["quantizer=eco"], ["quantizer=eco", "quantizer.format=int", "quantizer.rounding=stochastic",
                                   "quantizer.group_size=16"],

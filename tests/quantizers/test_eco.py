@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from rlx.memory import memory_report
-from rlx.quant.eco import ECO, MasterWeights, NoMaster, adam_correction, sgd_correction
+from rlx.quantizers.eco import ECO, MasterWeights, NoMaster, adam_correction, sgd_correction
 from rlx.tasks import run_training
-from tests.conftest import small_config, straight_and_resumed
+from tests.support import small_config, straight_and_resumed
 
 TARGET, LR, BETA = 0.537, 0.01, 0.9
 
@@ -149,7 +149,7 @@ def test_the_weights_held_between_steps_are_the_codes(fmt, per_weight):
 # ---------------------------------------------------------------------------- through the loop
 
 def test_eco_checkpoint_holds_weights_on_the_grid_and_resumes_exactly(tmp_path):
-    from rlx.quant.formats import FP8
+    from rlx.quantizers.formats import FP8
 
     full, resumed, a, b = straight_and_resumed(tmp_path, ["quantizer=eco", "quantizer.rounding=stochastic",
                                                          "optimizer=sgd", "trainer.lr_scheduler=constant"])

@@ -7,27 +7,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import rlx.quant.eqnet as eqnet
+import rlx.quantizers.eqnet as eqnet
+import rlx.quantizers.lsq as lsq
 from rlx.config import build
 from rlx.errors import RlxError
 from rlx.evaluate import perplexity
 from rlx.models import tiny
-from rlx.quant.eqnet import (
-    ElasticQuantLinear,
-    EQNet,
-    QConfig,
-    code_range,
-    evaluate_space,
-    kd_loss,
-    kurtosis,
-    load_supernet,
-    make_space,
-    set_config,
-    skewness,
-    wdr_loss,
-)
+from rlx.quantizers.eqnet import EQNet, kd_loss, load_supernet, wdr_loss
+from rlx.quantizers.lsq import ElasticQuantLinear, QConfig, code_range, evaluate_space, make_space, set_config
+from rlx.robustness import kurtosis, skewness
 from rlx.tasks import run_training
-from tests.conftest import small_config, straight_and_resumed
+from tests.support import small_config, straight_and_resumed
 
 # ---------------------------------------------------------------------------- WDR by hand
 
@@ -89,16 +79,16 @@ def test_lsq_gradients_and_init():
     w = torch.tensor([[0.1, -0.25, 0.26, 3.0]])
     step = torch.nn.Parameter(torch.tensor([[0.1]]))
     wq = torch.nn.Parameter(w.clone())
-    out = eqnet.lsq(wq, step, None, 3, True, 4)  # codes [-4, 3]: 3.0 clips at 3·0.1
+    out = lsq.lsq(wq, step, None, 3, True, 4)  # codes [-4, 3]: 3.0 clips at 3·0.1
     assert torch.allclose(out, torch.tensor([[0.1, -0.2, 0.3, 0.3]]))
     out.sum().backward()
     assert torch.equal(wq.grad, torch.tensor([[1.0, 1.0, 1.0, 0.0]]))  # straight through, zero when clipped
     # LSQ: d/ds = round(w/s) - w/s inside, qmax when clipped; times 1/sqrt(n·qmax)
     expect = ((1 - 1) + (-2 + 2.5) + (3 - 2.6) + 3) / (4 * 3) ** 0.5
     assert step.grad.item() == pytest.approx(expect, rel=1e-5)
-    s, z = eqnet.lsq_init(torch.tensor([[-1.0, 1.0, 3.0]]), 8, True)
+    s, z = lsq.lsq_init(torch.tensor([[-1.0, 1.0, 3.0]]), 8, True)
     assert s.item() == pytest.approx(2 * (5 / 3) / 127**0.5) and z is None
-    s, z = eqnet.lsq_init(torch.tensor([[-1.0, 1.0, 3.0]]), 2, False)
+    s, z = lsq.lsq_init(torch.tensor([[-1.0, 1.0, 3.0]]), 2, False)
     assert s.item() == pytest.approx(4 / 3) and z.item() == pytest.approx(0.75)
 
 
@@ -112,11 +102,11 @@ def test_bad_values_raise_one_line():
 # ---------------------------------------------------------------------------- a small model
 
 
-def _setup(**kwargs):
+def _setup(grad_accum=1, **kwargs):
     policy = tiny(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, device="cpu")
     model = policy.model
     hook = EQNet(**{"seed": 3, **kwargs})
-    hook.on_train_start(SimpleNamespace(model=model, optimizer=None))
+    hook.on_train_start(SimpleNamespace(model=model, optimizer=None, trainer=SimpleNamespace(grad_accum=grad_accum)))
     model.train()
     ids = torch.randint(3, len(policy.tokenizer), (2, 12), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
@@ -275,12 +265,12 @@ def test_points_of_the_space_are_evaluated_after_training_without_retraining(tmp
     results = evaluate_space(policy.model, {
         "largest": QConfig(8, per_channel=True, symmetric=False),
         "w2": QConfig(2, per_channel=False, symmetric=True),
-        "mixed": {name: QConfig(4, True, True) for name in list(eqnet.elastic_layers(policy.model))[:3]},
+        "mixed": {name: QConfig(4, True, True) for name in list(lsq.elastic_layers(policy.model))[:3]},
     }, ppl)
     # the largest point is what the loop evaluated: the steps came back with the checkpoint
     assert results["largest"]["eval/loss"] == pytest.approx(summary["eval/loss"], abs=1e-5)
     assert results["w2"]["eval/loss"] != pytest.approx(results["largest"]["eval/loss"], abs=1e-4)
     assert results["mixed"]["eval/loss"] != pytest.approx(results["largest"]["eval/loss"], abs=1e-6)
-    assert {layer.config for layer in eqnet.elastic_layers(policy.model).values()} == {QConfig(8, True, False)}
+    assert {layer.config for layer in lsq.elastic_layers(policy.model).values()} == {QConfig(8, True, False)}
     with pytest.raises(RlxError, match="not trained with quantizer=eqnet"):
         load_supernet(run_training(small_config(), tmp_path / "plain")["run_dir"])

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from rlx.quant.formats import FP8, Grid, IntN
+from rlx.quantizers.formats import FP8, Grid, IntN
 
 FORMATS = [FP8("channel"), FP8("tensor"), IntN(4, 32), IntN(2, 16), IntN(3, 0), IntN(8, 32), Grid(0.05)]
 

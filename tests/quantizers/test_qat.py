@@ -7,27 +7,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from rlx.hooks import Hook
-from rlx.quant.qat import lr_multiplier, qat_fraction, switch_step
+from rlx.quantizers.qat import lr_multiplier, qat_fraction, switch_step
 from rlx.tasks import run_training
-from tests.conftest import small_config
-from tests.test_loop import hook, losses
+from tests.support import FAKE_QUANT_STATES, hook, losses, small_config
 
-FAKE_QUANT_STATES: list = []
-
-
-class RecordFakeQuant(Hook):
-    """Records, at each step's start (after the quantizer's), whether fake quantization is on."""
-
-    def on_train_start(self, state):
-        FAKE_QUANT_STATES.clear()
-
-    def on_step_start(self, state):
-        layer = state.model.get_submodule("model.layers.0.mlp.down_proj")
-        FAKE_QUANT_STATES.append((state.step, state.tokens, layer.weight_fake_quantizer.enabled))
-
-
-PROBE = hook("probe", "tests.quant.test_qat.RecordFakeQuant")
+PROBE = hook("probe", "tests.support.RecordFakeQuant")
 
 
 def fraction_at(s: float) -> float:
@@ -116,20 +100,24 @@ def test_fused_cooldown_decays_the_lr_during_qat(tmp_path):
     assert lrs == pytest.approx([peak, peak, peak, peak / 2])
 
 
-def test_bad_values_fail_in_one_line():
+def test_bad_values_fail_in_one_line(tmp_path):
     from rlx.config import build
     from rlx.errors import RlxError
 
-    for bad in ("quantizer.bits=12", "quantizer.start=-1", "quantizer.fuse_cooldown=true"):
+    for bad in ("quantizer.bits=12", "quantizer.start=-1"):
         with pytest.raises(RlxError):
             build(small_config("quantizer=qat", bad).quantizer)
+    # the trainer's schedule is checked when the run starts, before the first step
+    with pytest.raises(RlxError, match="trainer.lr_scheduler=constant_with_warmup"):
+        run_training(small_config("quantizer=qat", "quantizer.fuse_cooldown=true"), tmp_path)
+    assert not (tmp_path / "checkpoints").exists()
 
 
 def test_resume_across_the_switch_is_exact(tmp_path):
     over = ["quantizer=qat", "trainer.lr_scheduler=constant", "trainer.save_every=2", "trainer.max_steps=5"]
     run_training(small_config(*over, "quantizer.tokens=2e5"), tmp_path / "full")
     with pytest.raises(KeyboardInterrupt):
-        run_training(small_config(*over, "quantizer.tokens=2e5", *hook("stop", "tests.test_loop.InterruptAt", step=3)),
+        run_training(small_config(*over, "quantizer.tokens=2e5", *hook("stop", "tests.support.InterruptAt", step=3)),
                      tmp_path / "cut")
     # the resumed run is told nothing of the plan: the switch step comes from the checkpoint
     run_training(small_config(*over, "quantizer.start=0", "trainer.resume=auto"), tmp_path / "cut")
