@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import warnings
 
-from rlx.optimizers.param_groups import split_named
+from rlx.layers import split_named
 from rlx.optimizers.projectors import subspace_size
 
 
