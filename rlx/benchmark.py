@@ -39,7 +39,8 @@ import platform
 import shlex
 import sys
 import tempfile
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -127,6 +128,62 @@ def compressed(kind: str, overrides: list[str]) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         return {"quantize": run_quantize, "prune": run_prune}[kind](compose_config(kind, list(overrides)), Path(tmp))
+
+
+# ---------------------------------------------------------------------------- timing
+
+
+@contextlib.contextmanager
+def time_calls(owner, name: str, spent: list[float]):
+    """Wrap `owner.name` (a module's function, an object's method) while the block runs, so that the
+    seconds of each call add up in `spent`; rlx and the peers are not edited."""
+    original = getattr(owner, name)
+
+    def timed(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            spent.append(time.perf_counter() - t0)
+
+    setattr(owner, name, timed)
+    try:
+        yield spent
+    finally:
+        setattr(owner, name, original)
+
+
+def busy_cpu_s() -> float:
+    """CPU seconds the whole machine has spent busy since boot (/proc/stat: all but idle and iowait)."""
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
+class OtherCpu:
+    """Cores used by other processes while the block runs: machine busy time minus this process's
+    CPU time, over the wall time. Near 0 on a quiet machine; ~1 when another job holds a core,
+    which on 2 cores slows a 2-thread torch run many times over."""
+
+    def __enter__(self):
+        self.t0, self.busy0, self.own0 = time.perf_counter(), busy_cpu_s(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        wall = time.perf_counter() - self.t0
+        self.cores = max(0.0, (busy_cpu_s() - self.busy0) - (time.process_time() - self.own0)) / wall
+        return False
+
+
+def wait_for_quiet(max_wait_s: float, threshold: float) -> float:
+    """Poll until other processes use less than `threshold` cores (2 s samples) or `max_wait_s` passes."""
+    deadline = time.perf_counter() + max_wait_s
+    while True:
+        with OtherCpu() as other:
+            time.sleep(2.0)
+        if other.cores < threshold or time.perf_counter() > deadline:
+            return other.cores
+        print(f"  another process uses {other.cores:.1f} cores; waiting", flush=True)
 
 
 # ---------------------------------------------------------------------------- provenance
@@ -262,6 +319,24 @@ class Bench:
         result = {"command": command(), "date": now(), "machine": machine(), **fields}
         self.json_path.parent.mkdir(parents=True, exist_ok=True)
         self.json_path.write_text(json.dumps(result, indent=2) + "\n")
+        return result
+
+    def sweep(self, run: Callable[..., dict], items: Iterable, key: tuple[str, ...], runs: list[dict],
+              fields: Mapping | Callable[[list[dict]], Mapping] | None = None, order: list | None = None,
+              show: tuple[str, ...] = ()) -> dict:
+        """Measure `run(*item)` for each item; each new run replaces an earlier one with the same `key`
+        fields (sorted by `order` of the first key where given), and the runs are recorded after every
+        run with `fields` (or `fields(runs)`), so nothing is lost if the benchmark is stopped. Prints the
+        run's key and its `show` metrics as it goes; returns the last result."""
+        result = self.load()
+        for item in items:
+            r = run(*item) if isinstance(item, tuple) else run(item)
+            shown = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k in show if (v := metric(r, k)) == v]
+            print(" ".join(str(r[k]) for k in key if k in r) + ": " + ", ".join(shown), flush=True)
+            runs = upsert(runs, r, *key)
+            if order:
+                runs.sort(key=lambda x: order.index(x[key[0]]) if x[key[0]] in order else len(order))
+            result = self.record(**(fields(runs) if callable(fields) else fields or {}), runs=runs)
         return result
 
     def save_figure(self, fig, name: str) -> None:

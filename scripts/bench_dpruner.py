@@ -16,7 +16,7 @@ docs/dpruner.png.
 """
 from __future__ import annotations
 
-from rlx.benchmark import Bench, compressed, keep, pyplot, upsert
+from rlx.benchmark import Bench, compressed, keep, pyplot
 
 COMMON = ["model=smollm2", "data.prompt_style=question", "calib.general=shakespeare", "calib.samples=32",
           "calib.batch_size=8", "calib.max_length=256", "eval.samples=64", "eval.batch_size=16",
@@ -35,15 +35,12 @@ bench = Bench(__doc__, "## Domain pruning (bench_dpruner)", runs=RUNS, quick={"r
 
 
 def measure(args) -> dict:
-    runs = bench.load().get("runs", [])
-    for name in args.runs:
+    def run(name: str) -> dict:
         summary = compressed("prune", [*COMMON, *RUNS[name], *(QUICK if args.quick else [])])
-        r = {"run": name, "overrides": RUNS[name], **keep(summary, KEEP)}
-        print(f"{name}: accuracy {r['eval/accuracy']:.3f} domain ppl {r['eval/perplexity']:.3f} "
-              f"general ppl {r['general/perplexity']:.2f}", flush=True)
-        runs = sorted(upsert(runs, r, "run"), key=lambda x: list(RUNS).index(x["run"]) if x["run"] in RUNS else len(RUNS))
-        result = bench.record(runs=runs)
-    return result
+        return {"run": name, "overrides": RUNS[name], **keep(summary, KEEP)}
+
+    return bench.sweep(run, args.runs, ("run",), bench.load().get("runs", []), order=list(RUNS),
+                       show=("eval/accuracy", "eval/perplexity", "general/perplexity"))
 
 
 def render(result: dict) -> str:

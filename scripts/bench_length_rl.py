@@ -28,7 +28,7 @@ import math
 
 import torch
 
-from rlx.benchmark import Bench, machine_line, metric, pyplot, trained, upsert
+from rlx.benchmark import Bench, machine_line, metric, pyplot, trained
 from rlx.evaluate import mean_se
 
 EVAL_SAMPLES, EVAL_BUDGET = 4, 128
@@ -128,17 +128,12 @@ def measure(args) -> dict:
 
     cfg = compose_config("train", ["model=tiny_sft"])
     policy, task = build(cfg.model), build(cfg.data)
-    base = sampled_eval(policy.model, policy.tokenizer, task)
-    # another budget or recipe: the earlier runs are not comparable
-    runs = bench.earlier(rollouts=args.rollouts, overrides=args.overrides).get("runs", [])
-    for seed in args.seeds:
-        for method in args.runs:
-            r = run(method, seed, args.rollouts, args.overrides, task)
-            print(f"{method} seed {seed}: acc {r['accuracy']:.3f} len {r['mean_len']:.1f} "
-                  f"({r['train_time_s']:.0f} s)", flush=True)
-            runs = upsert(runs, r, "method", "seed", "overrides")
-            result = bench.record(rollouts=args.rollouts, overrides=args.overrides, base=base, runs=runs)
-    return result
+    budget = {"rollouts": args.rollouts, "overrides": args.overrides}  # runs of another budget are not comparable
+    return bench.sweep(lambda method, seed: run(method, seed, args.rollouts, args.overrides, task),
+                       [(method, seed) for seed in args.seeds for method in args.runs], ("method", "seed", "overrides"),
+                       bench.earlier(**budget).get("runs", []),
+                       {**budget, "base": sampled_eval(policy.model, policy.tokenizer, task)},
+                       show=("accuracy", "mean_len", "train_time_s"))
 
 
 def summarise(runs: list[dict]) -> dict[str, dict]:

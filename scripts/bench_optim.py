@@ -24,7 +24,7 @@ Writes docs/results/bench_optim.json (kept across invocations with the same step
 """
 from __future__ import annotations
 
-from rlx.benchmark import Bench, keep, metric, pyplot, trained, upsert
+from rlx.benchmark import Bench, keep, metric, pyplot, trained
 
 LENGTH = 256
 PRETRAIN = ["model=tiny", "data=shakespeare", "algo=sft", f"algo.max_length={LENGTH}",
@@ -91,15 +91,10 @@ def run(name: str, steps: int) -> dict:
 
 
 def measure(args) -> dict:
-    runs = bench.earlier(steps=args.steps).get("runs", [])
-    for name in args.runs:
-        r = run(name, (1 if name == "ft_base" else args.finetune_steps) if name in FINETUNE_RUNS else args.steps)
-        print(f"{name}: ppl {perplexity(r):.2f} acc {metric(r, 'eval/accuracy'):.3f} "
-              f"state {r['memory/optimizer_MB']:.2f} MB peak {r['memory/step_peak_MB']:.1f} MB "
-              f"{r['step_s']:.3f} s/step", flush=True)
-        runs = sorted(upsert(runs, r, "name"), key=lambda x: list(RUNS).index(x["name"]))
-        result = bench.record(steps=args.steps, runs=runs)
-    return result
+    steps = lambda name: (1 if name == "ft_base" else args.finetune_steps) if name in FINETUNE_RUNS else args.steps
+    return bench.sweep(lambda name: run(name, steps(name)), args.runs, ("name",),
+                       bench.earlier(steps=args.steps).get("runs", []), {"steps": args.steps}, order=list(RUNS),
+                       show=("eval/perplexity", "eval/accuracy", "memory/optimizer_MB", "memory/step_peak_MB", "step_s"))
 
 
 def perplexity(r: dict) -> float:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 
-from rlx.benchmark import Bench, machine_line, trained, upsert
+from rlx.benchmark import Bench, machine_line, trained
 from rlx.errors import RlxError
 from rlx.evaluate import concordant, spearman
 from rlx.paths import CONF_DIR
@@ -88,15 +88,10 @@ def measure(args) -> dict:
     budget = {"steps": args.steps, "samples": args.samples, "overrides": args.overrides}
     runs = bench.earlier(**budget).get("runs", [])
     runs = [r for r in runs if lrs.get(r["optimizer"], r["lr"]) == r["lr"]]  # one learning rate per optimizer
-    for seed in args.seeds:
-        for opt in args.runs:
-            r = run(opt, lrs[opt], seed, args.steps, args.overrides, batch)
-            print(f"{opt} seed {seed}: eval loss {r['eval_loss']:.3f}, Δloss W4A4 {r['ptq_loss_increase']:+.4f}, "
-                  f"R_L {r['R_L']:.4f} ({r['train_time_s']:.0f} s)", flush=True)
-            runs = upsert(runs, r, "optimizer", "seed")
-            result = bench.record(**budget, lr={x["optimizer"]: x["lr"] for x in runs}, runs=runs,
-                                  predictors=predictors(runs))
-    return result
+    return bench.sweep(lambda opt, seed: run(opt, lrs[opt], seed, args.steps, args.overrides, batch),
+                       [(opt, seed) for seed in args.seeds for opt in args.runs], ("optimizer", "seed"), runs,
+                       lambda runs: {**budget, "lr": {x["optimizer"]: x["lr"] for x in runs}, "predictors": predictors(runs)},
+                       show=("eval_loss", "ptq_loss_increase", "R_L", "train_time_s"))
 
 
 def label(r: dict, runs: list[dict]) -> str:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rlx.benchmark import Bench, keep, metric, pyplot, trained, upsert
+from rlx.benchmark import Bench, keep, metric, pyplot, trained
 
 EVAL = 128  # validation chunks of 1,024 characters
 LENGTH = 256  # tokens per sequence, in training and in evaluation (positions beyond it are never trained)
@@ -88,14 +88,9 @@ def measure(args) -> dict:
     from rlx.config import build, compose_config
 
     task = build(compose_config("train", COMMON).data)
-    runs = bench.earlier(steps=args.steps).get("runs", [])
-    for name in args.runs:
-        r = run(name, args.steps, task)
-        print(f"{name}: val loss {r['val_loss']:.4f}, held {metric(r, 'memory/held_MB', 0):.2f} MB "
-              f"({r['wall_s']:.0f} s)", flush=True)
-        runs = upsert(runs, r, "name")
-        result = bench.record(steps=args.steps, runs=runs)
-    return result
+    return bench.sweep(lambda name: run(name, args.steps, task), args.runs, ("name",),
+                       bench.earlier(steps=args.steps).get("runs", []), {"steps": args.steps},
+                       show=("val_loss", "memory/held_MB", "wall_s"))
 
 
 ECO_HEAD = ["| run | val loss | Δ vs master | weights MB | optimizer MB | held MB | held vs none | scratch MB |",

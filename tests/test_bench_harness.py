@@ -88,3 +88,22 @@ def test_metric_reads_summaries_and_run_folders(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert metric(tmp_path, "train/loss") == [2.0, 1.0]
     assert metric(rows, "train/loss", steps=True) == [(1, 2.0), (2, 1.0)]
+
+
+def test_sweep_records_after_every_run(tmp_path, capsys):
+    bench, _, _ = toy(tmp_path)
+    bench.parse(["--out", str(tmp_path)])
+    seen = []
+
+    def run(name, seed):
+        if seen:  # the first run is on disk before the second starts
+            assert [r["name"] for r in bench.load()["runs"]] == ["a", "b", "c"]
+        seen.append(name)
+        return {"name": name, "seed": seed, "eval/loss": 0.25}
+
+    earlier = [{"name": "a", "seed": 0, "eval/loss": 9.0}, {"name": "c", "seed": 0}]
+    result = bench.sweep(run, [("b", 0), ("a", 0)], ("name", "seed"), earlier,
+                         lambda runs: {"n": len(runs)}, order=["a", "b"], show=("eval/perplexity",))
+    assert [r["name"] for r in result["runs"]] == ["a", "b", "c"] and result["n"] == 3
+    assert result["runs"][0]["eval/loss"] == 0.25  # the rerun replaced the earlier a
+    assert f"b 0: eval/perplexity {math.exp(0.25):.4g}" in capsys.readouterr().out
