@@ -32,7 +32,6 @@ section of docs/RESULTS.md, which is rewritten in place.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import statistics
@@ -46,7 +45,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import PrinterCallback, Trainer, TrainingArguments
 
 import rlx.loop
-from rlx.benchmark import Bench, machine_line, metric
+from rlx.benchmark import Bench, machine_line, metric, time_calls
 from rlx.config import build, compose_config
 from rlx.data.collate import IGNORE, lm_batch
 from rlx.data.stream import ExampleStream
@@ -154,25 +153,6 @@ def run_bare(setup: Setup) -> Run:
     losses = [float(x) for x in losses]  # inside the clock: on a GPU this waits for the last step
     wall = time.perf_counter() - t0
     return Run("bare", wall, tokens, window_means(losses, tc.log_every), flat_weights(model))
-
-
-@contextlib.contextmanager
-def time_calls(module, name: str, spent: list[float]):
-    """Wrap `module.name` so the seconds spent inside it add up in `spent` (rlx itself is not edited)."""
-    original = getattr(module, name)
-
-    def timed(*args, **kwargs):
-        t0 = time.perf_counter()
-        try:
-            return original(*args, **kwargs)
-        finally:
-            spent.append(time.perf_counter() - t0)
-
-    setattr(module, name, timed)
-    try:
-        yield
-    finally:
-        setattr(module, name, original)
 
 
 def run_rlx(setup: Setup) -> Run:

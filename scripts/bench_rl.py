@@ -42,7 +42,16 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # TRL and transformers must not try the hub
 os.environ.setdefault("WANDB_MODE", "disabled")
 
-from rlx.benchmark import Bench, machine, machine_line, metric, trained  # noqa: E402
+from rlx.benchmark import (  # noqa: E402
+    Bench,
+    OtherCpu,
+    machine,
+    machine_line,
+    metric,
+    time_calls,
+    trained,
+    wait_for_quiet,
+)
 from rlx.paths import cache_dir  # noqa: E402
 
 MODEL_DIR = cache_dir() / "models" / "tiny-sft"
@@ -75,39 +84,6 @@ def stream_order(examples: list[dict], batch_size: int, steps: int, seed: int) -
 
     stream = ExampleStream(examples, batch_size, seed)
     return [ex for _ in range(steps) for ex in stream.next()]
-
-
-def busy_cpu_s() -> float:
-    """CPU seconds the whole machine has spent busy since boot (/proc/stat: all but idle and iowait)."""
-    with open("/proc/stat") as f:
-        ticks = [int(x) for x in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
-    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
-
-
-class OtherCpu:
-    """Cores used by other processes while the block runs: machine busy time minus this process's
-    CPU time, over the wall time. Near 0 on a quiet machine; ~1 when another job holds a core,
-    which on 2 cores slows a 2-thread torch run many times over."""
-
-    def __enter__(self):
-        self.t0, self.busy0, self.own0 = time.perf_counter(), busy_cpu_s(), time.process_time()
-        return self
-
-    def __exit__(self, *exc):
-        wall = time.perf_counter() - self.t0
-        self.cores = max(0.0, (busy_cpu_s() - self.busy0) - (time.process_time() - self.own0)) / wall
-        return False
-
-
-def wait_for_quiet(max_wait_s: float, threshold: float) -> float:
-    """Poll until other processes use less than `threshold` cores (2 s samples) or `max_wait_s` passes."""
-    deadline = time.perf_counter() + max_wait_s
-    while True:
-        with OtherCpu() as other:
-            time.sleep(2.0)
-        if other.cores < threshold or time.perf_counter() > deadline:
-            return other.cores
-        print(f"  another process uses {other.cores:.1f} cores; waiting", flush=True)
 
 
 # ---------------------------------------------------------------------------- rlx
@@ -211,7 +187,7 @@ def run_trl_grpo(args) -> dict:
     model, tokenizer = trl_model()
     counts: list[int] = []
     seen: list[str] = []
-    rollout = time_generate(model)
+    rollout: list[float] = []  # seconds of each `model.generate` call: TRL's sampling
     timer = step_timer()
     with tempfile.TemporaryDirectory() as out_dir:
         config = GRPOConfig(
@@ -223,25 +199,11 @@ def run_trl_grpo(args) -> dict:
         trainer = GRPOTrainer(model=model, reward_funcs=trl_reward(task, counts, seen), args=config,
                               train_dataset=dataset, processing_class=tokenizer, callbacks=[timer])
         check_tokens(trainer, tokenizer)
-        wall = train_quietly(trainer)
+        with time_calls(model, "generate", rollout):
+            wall = train_quietly(trainer)
     # the same prompts as rlx, in the same order, each sampled group_size times in a row
     assert seen == [ex["prompt"] for ex in examples for _ in range(args.group_size)], "TRL saw other prompts"
     return {**steady(timer.times(), counts, rollout), "train_wall_s": wall}
-
-
-def time_generate(model) -> list[float]:
-    """Seconds of each `model.generate` call: TRL's sampling (it calls the model's own generate on one CPU)."""
-    seconds: list[float] = []
-    generate = model.generate
-
-    def timed(*args, **kwargs):
-        start = time.perf_counter()
-        out = generate(*args, **kwargs)
-        seconds.append(time.perf_counter() - start)
-        return out
-
-    model.generate = timed
-    return seconds
 
 
 def train_quietly(trainer) -> float:

@@ -107,3 +107,16 @@ def test_sweep_records_after_every_run(tmp_path, capsys):
     assert [r["name"] for r in result["runs"]] == ["a", "b", "c"] and result["n"] == 3
     assert result["runs"][0]["eval/loss"] == 0.25  # the rerun replaced the earlier a
     assert f"b 0: eval/perplexity {math.exp(0.25):.4g}" in capsys.readouterr().out
+
+
+def test_time_calls_wraps_and_restores():
+    import types
+
+    from rlx.benchmark import OtherCpu, time_calls
+
+    box = types.SimpleNamespace(f=lambda x: x + 1)
+    original = box.f
+    with time_calls(box, "f", []) as spent, OtherCpu() as other:
+        assert box.f(1) == 2 and box.f(2) == 3
+    assert len(spent) == 2 and all(s >= 0 for s in spent) and box.f is original
+    assert other.cores >= 0
