@@ -32,7 +32,7 @@ smoke:
 
 # The SFT base model that RL runs start from (model=tiny_sft): the default run, cached.
 base:
-	$(PY) scripts/build_base.py
+	$(PY) -m rlx.base
 
 # Every scripts/bench_*.py runs through rlx/benchmark.py and takes the same flags: --quick (a smoke test of
 # small settings, written under outputs/bench-quick/, never over docs/), --report (re-render its section of

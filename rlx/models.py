@@ -123,11 +123,11 @@ def tiny(
 
 def tiny_sft(device: str = "auto", dtype: str = "float32", lora: dict | None = None,
              parameterization: str | dict | None = None) -> Policy:
-    """The tiny model after the default SFT run (`make base`), cached: where RL runs start."""
-    path = cache_dir() / "models" / "tiny-sft"
-    if not (path / "config.json").exists():
-        raise RlxError(f"no SFT base model at {path}: build it once with `make base` (the default `rlx train`)")
-    return hf(str(path), device=device, dtype=dtype, lora=lora, parameterization=parameterization)
+    """The tiny model after the default SFT run, where RL, preference and compression runs start:
+    built on first use and cached (rlx/base.py; `make base` builds it explicitly)."""
+    from rlx.base import ensure_base
+
+    return hf(str(ensure_base()), device=device, dtype=dtype, lora=lora, parameterization=parameterization)
 
 
 # ---------------------------------------------------------------------------- SmolLM2 from the wheel

@@ -55,11 +55,10 @@ def sizes() -> dict:
 
 
 def default_sft(rerun: bool) -> dict:
-    from build_base import main as build_base  # scripts/build_base.py, beside this one
-
+    from rlx.base import base_dir, build_base
     from rlx.evaluate import evaluate
 
-    base = cache_dir() / "models" / "tiny-sft"
+    base = base_dir()
     if rerun or not (base / "base.json").exists():
         build_base([])
     summary = json.loads((base / "base.json").read_text())
