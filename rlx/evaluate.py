@@ -148,6 +148,16 @@ def sampled_answers(model, tokenizer, task, examples: list[dict], samples: int, 
     return {"correct": group(correct), "texts": group(texts), "lengths": group(lengths)}
 
 
+def sampled_metrics(answers: dict, ks: tuple[int, ...] = ()) -> dict:
+    """What `sampled_answers` amounts to: the sampled accuracy (pass@1 over all samples), pass@k for
+    each of `ks`, the mean and 90th-percentile response length, and tokens spent per correct answer."""
+    correct = [c for group in answers["correct"] for c in group]
+    lengths = torch.tensor([n for group in answers["lengths"] for n in group], dtype=torch.float32)
+    return {"accuracy": sum(correct) / len(correct), **{f"pass@{k}": mean_pass_at_k(answers["correct"], k) for k in ks},
+            "mean_len": lengths.mean().item(), "p90_len": lengths.quantile(0.9).item(),
+            "tokens_per_correct": lengths.sum().item() / max(sum(correct), 1)}
+
+
 @torch.no_grad()
 def evaluate(model, tokenizer, task, split: str, num_samples: int, batch_size: int,
              max_new_tokens: int, max_length: int) -> dict:

@@ -67,22 +67,15 @@ bench.option("overrides", nargs="*", help="more config overrides for every run (
 
 @torch.no_grad()
 def sampled_eval(model, tokenizer, task, seed: int = 1234) -> dict:
-    """pass@1 over EVAL_SAMPLES samples per validation problem at T = 1, and the response lengths."""
-    from rlx.evaluate import answers, sampled_answers
+    """pass@1 over EVAL_SAMPLES samples per validation problem at T = 1, the response lengths, and
+    greedy accuracy."""
+    from rlx.evaluate import answers, sampled_answers, sampled_metrics
 
     out = sampled_answers(model, tokenizer, task, task.split("validation"), EVAL_SAMPLES, EVAL_BUDGET, seed=seed)
-    correct = [c for group in out["correct"] for c in group]
     texts = [t for group in out["texts"] for t in group]
-    lengths = torch.tensor([n for group in out["lengths"] for n in group], dtype=torch.float32)
     greedy, _ = answers(model, tokenizer, task, task.split("validation"), 64, EVAL_BUDGET)
-    return {
-        "accuracy": sum(correct) / len(correct),
-        "mean_len": lengths.mean().item(),
-        "p90_len": lengths.quantile(0.9).item(),
-        "tokens_per_correct": lengths.sum().item() / max(sum(correct), 1),
-        "recheck_rate": sum("check:" in t for t in texts) / len(texts),
-        "greedy_accuracy": sum(greedy) / len(greedy),
-    }
+    return {**sampled_metrics(out), "recheck_rate": sum("check:" in t for t in texts) / len(texts),
+            "greedy_accuracy": sum(greedy) / len(greedy)}
 
 
 def training_means(rows: list[dict]) -> dict[str, float]:

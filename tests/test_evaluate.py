@@ -68,3 +68,13 @@ def test_rank_statistics_by_hand():
     assert math.isnan(spearman([1, 2], [1, 2])) and math.isnan(spearman([1, 2, 3], [5, 5, 5]))
     assert concordant([1, 2, 3], [1, 3, 2]) == (2, 3)
     assert concordant([1, 1], [1, 2]) == (0, 1)  # a tie orders nothing
+
+
+def test_sampled_metrics_by_hand():
+    from rlx.evaluate import sampled_metrics
+
+    out = {"correct": [[True, False], [False, False]], "lengths": [[10, 20], [30, 40]]}
+    m = sampled_metrics(out, ks=(1, 2))
+    assert m["accuracy"] == 0.25 and m["pass@1"] == 0.25 and m["pass@2"] == 0.5
+    assert m["mean_len"] == 25.0 and m["tokens_per_correct"] == 100.0
+    assert m["p90_len"] == pytest.approx(37.0)  # linear interpolation between 30 and 40
