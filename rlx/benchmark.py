@@ -153,6 +153,16 @@ def time_calls(owner, name: str, spent: list[float]):
         setattr(owner, name, original)
 
 
+def interleaved(names, repeats: int):
+    """(repeat, name) for `repeats` rounds of every name, the order rotating each round (a, b, c; b, c,
+    a; ...; two names alternate), so that no side always goes first and a slower spell of the machine
+    hits all alike."""
+    names = list(names)
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            yield r, name
+
+
 def busy_cpu_s() -> float:
     """CPU seconds the whole machine has spent busy since boot (/proc/stat: all but idle and iowait)."""
     with open("/proc/stat") as f:
@@ -184,6 +194,24 @@ def wait_for_quiet(max_wait_s: float, threshold: float) -> float:
         if other.cores < threshold or time.perf_counter() > deadline:
             return other.cores
         print(f"  another process uses {other.cores:.1f} cores; waiting", flush=True)
+
+
+def quiet_run(run: Callable[[], dict], quiet: float, retries: int, max_wait: float, rejected: list[dict],
+              before: Callable[[], None] = lambda: None) -> dict:
+    """`run()` on a quiet machine: wait up to `max_wait` s for other processes to use less than `quiet`
+    cores, and rerun (up to `retries` times) a run during which they took more; the disturbed results
+    go to `rejected`. The result gets `other_cores`, what other processes used during it."""
+    for attempt in range(retries + 1):
+        wait_for_quiet(max_wait, quiet)
+        before()
+        with OtherCpu() as other:
+            result = run()
+        result["other_cores"] = other.cores
+        if other.cores < quiet or attempt == retries:
+            return result
+        print(f"  other processes took {other.cores:.1f} cores during the run: rerunning", flush=True)
+        rejected.append(result)
+    raise AssertionError("unreachable")
 
 
 # ---------------------------------------------------------------------------- provenance

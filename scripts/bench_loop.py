@@ -45,7 +45,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import PrinterCallback, Trainer, TrainingArguments
 
 import rlx.loop
-from rlx.benchmark import Bench, machine_line, metric, time_calls
+from rlx.benchmark import Bench, interleaved, machine_line, metric, time_calls
 from rlx.config import build, compose_config
 from rlx.data.collate import IGNORE, lm_batch
 from rlx.data.stream import ExampleStream
@@ -231,13 +231,12 @@ def measure_runs(setup: Setup, repeats: int) -> list[tuple[int, Run, float]]:
     for loop in LOOPS:  # first calls pay one-off costs (lazy imports, allocator, kernel selection)
         RUNNERS[loop](warmup)
     runs = []
-    for r in range(repeats):
-        for loop in LOOPS[r % len(LOOPS):] + LOOPS[:r % len(LOOPS)]:
-            load = os.getloadavg()[0]
-            run = RUNNERS[loop](setup)
-            print(f"repeat {r + 1}/{repeats} {loop:8s} {run.wall_s:7.2f} s  {run.tokens / run.wall_s:8.0f} tokens/s",
-                  file=sys.stderr)
-            runs.append((r, run, load))
+    for r, loop in interleaved(LOOPS, repeats):
+        load = os.getloadavg()[0]
+        run = RUNNERS[loop](setup)
+        print(f"repeat {r + 1}/{repeats} {loop:8s} {run.wall_s:7.2f} s  {run.tokens / run.wall_s:8.0f} tokens/s",
+              file=sys.stderr)
+        runs.append((r, run, load))
     return runs
 
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import io
 import os
 import tempfile
@@ -44,13 +45,13 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 
 from rlx.benchmark import (  # noqa: E402
     Bench,
-    OtherCpu,
+    interleaved,
     machine,
     machine_line,
     metric,
+    quiet_run,
     time_calls,
     trained,
-    wait_for_quiet,
 )
 from rlx.paths import cache_dir  # noqa: E402
 
@@ -274,32 +275,16 @@ def works_of(args) -> list[tuple[str, argparse.Namespace]]:
     return out
 
 
-def clean_run(run, args, rejected: list[dict]) -> dict:
-    """One run on a quiet machine: wait for other processes to settle, and rerun (up to --retries
-    times) a run during which they took more than --quiet cores; rejected runs are kept apart."""
-    for attempt in range(args.retries + 1):
-        wait_for_quiet(args.max_wait, args.quiet)
-        quiet_libraries()  # again: saving a checkpoint turns transformers' progress bars back on
-        with OtherCpu() as other:
-            result = run(args)
-        result["other_cores"] = other.cores
-        if other.cores < args.quiet or attempt == args.retries:
-            return result
-        print(f"  other processes took {other.cores:.1f} cores during the run ({result['s_per_step']:.3f} "
-              "s/step): rerunning", flush=True)
-        rejected.append(result)
-    raise AssertionError("unreachable")
-
-
 def compare(label: str, args) -> dict:
     """`--repeats` runs of each side, alternating which goes first; the median run of each side."""
     sides = {"trl": TRL_RUNS[args.work], "rlx": lambda a: run_rlx(a.work, a)}
     runs: dict[str, list[dict]] = {"trl": [], "rlx": []}
     rejected: list[dict] = []
-    for rep in range(args.repeats):
-        for side in (("trl", "rlx") if rep % 2 == 0 else ("rlx", "trl")):
-            runs[side].append(clean_run(sides[side], args, rejected))
-            print(f"{label} {side} run {rep + 1}: {runs[side][-1]['s_per_step']:.3f} s/step", flush=True)
+    for rep, side in interleaved(sides, args.repeats):
+        # quiet_libraries again: saving a checkpoint turns transformers' progress bars back on
+        runs[side].append(quiet_run(functools.partial(sides[side], args), args.quiet, args.retries, args.max_wait, rejected,
+                                    before=quiet_libraries))
+        print(f"{label} {side} run {rep + 1}: {runs[side][-1]['s_per_step']:.3f} s/step", flush=True)
     trl, rlx = median_run(runs["trl"]), median_run(runs["rlx"])
     return {"work": args.work, "prompts": args.prompts, "trl": trl, "rlx": rlx,
             "speedup": trl["s_per_step"] / rlx["s_per_step"], "runs": runs, "rejected": rejected}

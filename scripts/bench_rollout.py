@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from rlx.benchmark import Bench, machine_line
+from rlx.benchmark import Bench, interleaved, machine_line
 
 bench = Bench(__doc__, "## Rollout engine (bench_rollout)", quick={"repeats": 1, "prompts": 4})
 bench.option("--prompts", type=int, default=16)
@@ -106,13 +106,11 @@ def measure(args) -> dict:
         engine(model, tok, batch, args, seed=0)
 
     runs: dict[str, list[dict]] = {k: [] for k in ENGINES}
-    for rep in range(args.repeats):
-        order = list(ENGINES) if rep % 2 == 0 else list(ENGINES)[::-1]
-        for key in order:
-            start = time.perf_counter()
-            tokens = ENGINES[key](model, tok, batch, args, seed=rep + 1)
-            wall = time.perf_counter() - start
-            runs[key].append({"wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall})
+    for rep, key in interleaved(ENGINES, args.repeats):
+        start = time.perf_counter()
+        tokens = ENGINES[key](model, tok, batch, args, seed=rep + 1)
+        wall = time.perf_counter() - start
+        runs[key].append({"wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall})
 
     summary = {k: {"median_tokens_per_s": statistics.median(r["tokens_per_s"] for r in v),
                    "median_wall_s": statistics.median(r["wall_s"] for r in v),

@@ -120,3 +120,18 @@ def test_time_calls_wraps_and_restores():
         assert box.f(1) == 2 and box.f(2) == 3
     assert len(spent) == 2 and all(s >= 0 for s in spent) and box.f is original
     assert other.cores >= 0
+
+
+def test_interleaved_rotates_the_order():
+    from rlx.benchmark import interleaved
+
+    assert list(interleaved("ab", 3)) == [(0, "a"), (0, "b"), (1, "b"), (1, "a"), (2, "a"), (2, "b")]
+    assert [n for _, n in interleaved(["x", "y", "z"], 2)] == ["x", "y", "z", "y", "z", "x"]
+
+
+def test_quiet_run_returns_the_run_with_other_cores():
+    from rlx.benchmark import quiet_run
+
+    rejected = []
+    result = quiet_run(lambda: {"s": 1}, quiet=100.0, retries=1, max_wait=0, rejected=rejected)
+    assert result["s"] == 1 and result["other_cores"] >= 0 and rejected == []
