@@ -31,6 +31,19 @@ class Scored:
     correct: Tensor  # [B] float32 0/1 on the CPU: the task's checker, whatever the reward
     metrics: dict[str, float]
 
+    def select(self, rows: Tensor) -> Scored:
+        """The given rows, in that order (the metrics stay those of the whole rollout)."""
+        return Scored([self.examples[r] for r in rows], self.rollout.select(rows.to(self.rollout.prompt_ids.device)),
+                      self.rewards[rows], self.correct[rows], self.metrics)
+
+    @staticmethod
+    def concat(draws: list[Scored], pad_token_id: int) -> Scored:
+        """All rows of several draws, in order; the rollout metrics are a copy of the first draw's."""
+        return Scored([ex for d in draws for ex in d.examples],
+                      Rollout.concat([d.rollout for d in draws], pad_token_id),
+                      torch.cat([d.rewards for d in draws]), torch.cat([d.correct for d in draws]),
+                      dict(draws[0].metrics))
+
 
 def score(rollout: Rollout, rows: list[dict], state, reward) -> tuple[Tensor, Tensor, dict[str, float]]:
     """(rewards [B], checker correctness [B], the rollout metrics but timing) of finished or cut

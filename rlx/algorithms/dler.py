@@ -41,13 +41,27 @@ with them ~66 (the paper's 4000 against R1's 7-10k). Deviations, on purpose:
   each micro-batch is whitened on its own;
 * the truncation gate uses the rollout's `finished` flag (EOS emitted) rather than a length
   test, which is the same thing when generation is capped at L_T.
+
+The rollout, minibatches and loss are GRPO's, from the same shared pieces (`rlx.algorithms._group`);
+DLER's own part is `_sample`, the gate on every draw.
 """
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
-from rlx.algorithms._sampling import Scored
-from rlx.algorithms.grpo import GRPO
+from rlx.algorithms._group import (
+    check_settings,
+    clip_term,
+    dynamic_sampling,
+    frozen,
+    group_minibatches,
+    grpo_loss,
+    rollout_tensors,
+)
+from rlx.algorithms._replay import Replay
+from rlx.algorithms._rl import aggregation_weight, group_advantages
+from rlx.algorithms._sampling import Scored, sample_and_score
 from rlx.errors import RlxError
 
 
@@ -63,19 +77,58 @@ def truncation_rewards(rewards: Tensor, correct: Tensor, lengths: Tensor, finish
     return gated.masked_fill(over, 0.0)
 
 
-class DLER(GRPO):
-    def __init__(self, reward, difficulty_aware: bool = False, easy_budget: int = 32, easy_threshold: float = 0.5,
-                 scale: str = "batch_tokens", eps_high: float = 0.28, dynamic_sampling: bool = True, **grpo):
-        super().__init__(reward, scale=scale, eps_high=eps_high, dynamic_sampling=dynamic_sampling, **grpo)
-        if difficulty_aware and not 0 < easy_budget <= self.max_new_tokens:
-            raise RlxError(f"algo.easy_budget={easy_budget} must be in (0, max_new_tokens={self.max_new_tokens}]")
+class DLER:
+    def __init__(
+        self,
+        reward,
+        difficulty_aware: bool = False,
+        easy_budget: int = 32,
+        easy_threshold: float = 0.5,
+        group_size: int = 8,
+        max_new_tokens: int = 64,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        eps_low: float = 0.2,
+        eps_high: float = 0.28,
+        scale: str = "batch_tokens",
+        loss_agg: str = "token_mean",
+        kl_coef: float = 0.0,
+        kl_estimator: str = "k3",
+        reference=None,
+        dynamic_sampling: bool = True,
+        max_draws: int = 4,
+        minibatches: int = 1,
+    ):
+        check_settings(group_size, scale, loss_agg, kl_coef, reference, minibatches)
+        if difficulty_aware and not 0 < easy_budget <= max_new_tokens:
+            raise RlxError(f"algo.easy_budget={easy_budget} must be in (0, max_new_tokens={max_new_tokens}]")
         self.easy_budget = easy_budget if difficulty_aware else None
         self.easy_threshold = easy_threshold
+        self.reward, self.group_size, self.max_new_tokens = reward, group_size, max_new_tokens
+        self.temperature, self.top_p = temperature, top_p
+        self.eps_low, self.eps_high, self.scale, self.loss_agg = eps_low, eps_high, scale, loss_agg
+        self.kl_coef, self.kl_estimator, self.reference = kl_coef, kl_estimator, frozen(reference)
+        self.dynamic_sampling, self.max_draws, self.minibatches = dynamic_sampling, max_draws, minibatches
+        self._queue = Replay()  # the minibatches of a rollout still being replayed
+
+    def param_groups(self) -> list[dict]:
+        return []  # the policy only
+
+    def state_dict(self) -> dict:
+        return {"queue": self._queue.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._queue.load_state_dict(state.get("queue", []))
+
+    def make_batch(self, examples, state) -> dict:
+        # only when the queue is empty are `examples` drawn from the stream
+        return self._queue.next(lambda: self._rollout(examples, state), state.model.device)
 
     def _sample(self, examples, state) -> Scored:
         """Every draw is gated before dynamic sampling looks at it: an all-truncated group is an
         all-zero group and is dropped, as in the paper."""
-        scored = super()._sample(examples, state)
+        scored = sample_and_score(examples, state, self.reward, n=self.group_size, max_new_tokens=self.max_new_tokens,
+                                  temperature=self.temperature, top_p=self.top_p)
         rollout, G = scored.rollout, self.group_size
         scored.rewards = truncation_rewards(scored.rewards, scored.correct, rollout.lengths.cpu(),
                                             rollout.finished.cpu(), G, self.easy_budget, self.easy_threshold)
@@ -84,3 +137,31 @@ class DLER(GRPO):
         scored.metrics["dler/all_one_groups"] = (groups.min(1).values >= 1).float().mean().item()
         scored.metrics["dler/reward"] = scored.rewards.mean().item()
         return scored
+
+    # The rollout and the loss are GRPO's, kept word for word as in rlx/algorithms/grpo.py.
+
+    @torch.no_grad()
+    def _rollout(self, examples, state) -> list[dict]:
+        """Sample (with dynamic sampling, keep the informative groups), score, compute advantages,
+        and cut the rollout into `minibatches` minibatches of whole groups."""
+        if self.dynamic_sampling:
+            draw = lambda ex: self._sample(ex, state)
+            scored, extra = dynamic_sampling(examples, draw, self.group_size, self.max_draws,
+                                             state.tokenizer.pad_token_id)
+        else:
+            scored, extra = self._sample(examples, state), {}
+        advantages = self.advantages(scored).to(state.model.device)
+        data = rollout_tensors(scored, state, self.temperature, behaviour=self.minibatches > 1,
+                               reference=self.reference)
+        data["advantages"] = advantages
+        weight = lambda mask: aggregation_weight(mask, self.loss_agg, self.max_new_tokens)
+        return group_minibatches(data, self.minibatches, self.group_size, weight, {**scored.metrics, **extra})
+
+    def advantages(self, scored: Scored) -> Tensor:
+        """[B] advantage per response: its reward against its group's, scaled per `scale`."""
+        return group_advantages(scored.rewards, self.group_size, scale=self.scale, lengths=scored.rollout.lengths)
+
+    def loss(self, batch: dict, state):
+        return grpo_loss(batch, state, clip_term(self.eps_low, self.eps_high), temperature=self.temperature,
+                         loss_agg=self.loss_agg, max_len=self.max_new_tokens, reference=self.reference,
+                         kl_coef=self.kl_coef, kl_estimator=self.kl_estimator)

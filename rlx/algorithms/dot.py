@@ -78,9 +78,19 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from rlx.algorithms._rl import _MAX_LOG_RATIO, masked_mean
-from rlx.algorithms._sampling import Scored
-from rlx.algorithms.grpo import GRPO
+from rlx.algorithms._group import (
+    check_settings,
+    clip_term,
+    frozen,
+    group_minibatches,
+    grpo_loss,
+    informative_groups,
+    keep_groups,
+    rollout_tensors,
+)
+from rlx.algorithms._replay import Replay
+from rlx.algorithms._rl import _MAX_LOG_RATIO, aggregation_weight, group_advantages, masked_mean
+from rlx.algorithms._sampling import Scored, sample_and_score
 from rlx.data.stream import draw_more
 from rlx.errors import RlxError
 from rlx.rollout import Rollout
@@ -184,7 +194,7 @@ def kl_cov_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask
 # ---------------------------------------------------------------------------- the algorithm
 
 
-class DOT(GRPO):
+class DOT:
     def __init__(
         self,
         reward,
@@ -200,25 +210,53 @@ class DOT(GRPO):
         pds_max: float = 5.0,
         group_size: int = 8,
         max_new_tokens: int = 128,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        eps_low: float = 0.2,
+        eps_high: float = 0.2,
+        scale: str = "group",
         loss_agg: str = "seq_mean_token_mean",
+        kl_coef: float = 0.0,
+        kl_estimator: str = "k3",
+        reference=None,
         dynamic_sampling: bool = True,
         minibatches: int = 4,
-        **grpo,
     ):
-        super().__init__(reward, group_size=group_size, max_new_tokens=max_new_tokens, loss_agg=loss_agg,
-                         dynamic_sampling=dynamic_sampling, minibatches=minibatches, **grpo)
+        check_settings(group_size, scale, loss_agg, kl_coef, reference, minibatches)
         _check(alpha, margin, success_threshold, loss_mode, kl_cov_ratio, kl_cov_coef, pds_history,
                pds_init, pds_min, pds_max)
         self.alpha, self.margin, self.success_threshold = alpha, margin, success_threshold
         self.loss_mode, self.kl_cov_ratio, self.kl_cov_coef = loss_mode, kl_cov_ratio, kl_cov_coef
         self.pds_history, self.pds_init, self.pds_min, self.pds_max = pds_history, pds_init, pds_min, pds_max
+        self.reward, self.group_size, self.max_new_tokens = reward, group_size, max_new_tokens
+        self.temperature, self.top_p = temperature, top_p
+        self.eps_low, self.eps_high, self.scale, self.loss_agg = eps_low, eps_high, scale, loss_agg
+        self.kl_coef, self.kl_estimator, self.reference = kl_coef, kl_estimator, frozen(reference)
+        self.dynamic_sampling, self.minibatches = dynamic_sampling, minibatches
         self._pass_rates: list[float] = []  # PDS: groups kept / groups sampled, newest last
+        self._queue = Replay()  # the minibatches of a rollout still being replayed
+
+    def param_groups(self) -> list[dict]:
+        return []  # the policy only
+
+    def state_dict(self) -> dict:
+        return {"queue": self._queue.state_dict(), "pass_rates": list(self._pass_rates)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._queue.load_state_dict(state.get("queue", []))
+        self._pass_rates = list(state.get("pass_rates", []))
+
+    def make_batch(self, examples, state) -> dict:
+        # only when the queue is empty are `examples` drawn from the stream
+        return self._queue.next(lambda: self._rollout(examples, state), state.model.device)
 
     # ------------------------------------------------------------------ the cut
 
     def _sample(self, examples, state) -> Scored:
         """Every draw is cut before dynamic sampling looks at it, so a group DOT broke survives."""
-        return self._truncate(super()._sample(examples, state), state)
+        scored = sample_and_score(examples, state, self.reward, n=self.group_size, max_new_tokens=self.max_new_tokens,
+                                  temperature=self.temperature, top_p=self.top_p)
+        return self._truncate(scored, state)
 
     def _truncate(self, scored: Scored, state) -> Scored:
         """The cut of one draw, and its metrics under the official code's names."""
@@ -269,15 +307,9 @@ class DOT(GRPO):
         B, G = len(examples), self.group_size
         factor = pds_factor(self._pass_rates, self.pds_init, self.pds_min, self.pds_max)
         scored = self._sample(self._prompts(examples, prompts_to_draw(B, factor)), state)
-        spread = scored.rewards.view(-1, G).std(dim=1) > 0
+        spread = informative_groups(scored.rewards, G)
         self._pass_rates = [*self._pass_rates, spread.float().mean().item()][-self.pds_history:]
-        groups = spread.nonzero().flatten()[:B]
-        if len(groups) == 0:  # nothing informative: the micro-batch's own groups, zero advantages, as GRPO
-            groups = torch.arange(B)
-        rows = (groups[:, None] * G + torch.arange(G)).flatten()
-        rollout = scored.rollout.select(rows.to(scored.rollout.prompt_ids.device))
-        kept = Scored([scored.examples[r] for r in rows], rollout, scored.rewards[rows], scored.correct[rows],
-                      scored.metrics)  # rollout metrics: of everything sampled
+        kept = keep_groups(scored, spread, B, G)  # none: the micro-batch's own groups, zero advantages
         return kept, {"rl/groups_with_signal": spread.float().mean().item(), "pds/factor": factor,
                       "pds/prompts": float(len(spread)), "pds/groups_kept": float(spread.sum().clamp(max=B))}
 
@@ -290,20 +322,37 @@ class DOT(GRPO):
             prompts += extra
         return prompts[:n]
 
-    def state_dict(self) -> dict:
-        return {**super().state_dict(), "pass_rates": list(self._pass_rates)}
+    # ------------------------------------------------------------------ rollout and loss
+    # GRPO's (rlx/algorithms/grpo.py), word for word but for PDS in place of DAPO's dynamic
+    # sampling and the KL-Cov term in place of the clipped surrogate.
 
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
-        self._pass_rates = list(state.get("pass_rates", []))
+    @torch.no_grad()
+    def _rollout(self, examples, state) -> list[dict]:
+        """Sample (with PDS, keep the informative groups), score, compute advantages, and cut the
+        rollout into `minibatches` minibatches of whole groups."""
+        if self.dynamic_sampling:
+            scored, extra = self._informative(examples, state)
+        else:
+            scored, extra = self._sample(examples, state), {}
+        advantages = self.advantages(scored).to(state.model.device)
+        data = rollout_tensors(scored, state, self.temperature, behaviour=self.minibatches > 1,
+                               reference=self.reference)
+        data["advantages"] = advantages
+        weight = lambda mask: aggregation_weight(mask, self.loss_agg, self.max_new_tokens)
+        return group_minibatches(data, self.minibatches, self.group_size, weight, {**scored.metrics, **extra})
 
-    # ------------------------------------------------------------------ loss
+    def advantages(self, scored: Scored) -> Tensor:
+        """[B] advantage per response: its reward against its group's, scaled per `scale`."""
+        return group_advantages(scored.rewards, self.group_size, scale=self.scale, lengths=scored.rollout.lengths)
 
-    def policy_loss(self, logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor,
-                    mask: Tensor) -> tuple[Tensor, dict]:
+    def loss(self, batch: dict, state):
         """KL-Cov (`loss_mode=kl_cov`), or GRPO's clipped surrogate (`loss_mode=clip`)."""
-        if self.loss_mode == "clip":
-            return super().policy_loss(logprobs, old_logprobs, advantages, mask)
+        term = clip_term(self.eps_low, self.eps_high) if self.loss_mode == "clip" else self._kl_cov
+        return grpo_loss(batch, state, term, temperature=self.temperature, loss_agg=self.loss_agg,
+                         max_len=self.max_new_tokens, reference=self.reference, kl_coef=self.kl_coef,
+                         kl_estimator=self.kl_estimator)
+
+    def _kl_cov(self, logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor) -> tuple[Tensor, dict]:
         per_token, selected = kl_cov_loss(logprobs, old_logprobs, advantages, mask, self.kl_cov_ratio,
                                           self.kl_cov_coef)
         return per_token, {"rl/ppo_kl": masked_mean((logprobs - old_logprobs).abs().detach(), mask).item(),

@@ -10,8 +10,9 @@ but long response can land below the group mean and be pushed away. DRPO keeps t
 apart: correct versus incorrect is a contrastive objective, and length only reweights the
 correct responses among themselves, so every correct response gets a push of the same sign.
 
-Per rollout, each prompt is sampled `group_size` times (GRPO's sampling and minibatch replay)
-and every response is split by the task's checker into O+ (correct) and O- (incorrect). With
+Per rollout, each prompt is sampled `group_size` times (GRPO's sampling and minibatch replay,
+from the shared pieces in `rlx.algorithms._group`) and every response is split by the task's
+checker into O+ (correct) and O- (incorrect), which the rollout batch carries as `correct`. With
 the score s(o) = (1/|o|) sum_t log pi(o_t | q, o_<t) at the sampling temperature,
 
     r_l(o) = 1 - |o| / L_max                                  L_max = max_new_tokens
@@ -60,9 +61,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from rlx.algorithms._group import check_settings, group_minibatches, rollout_tensors
+from rlx.algorithms._replay import Replay
 from rlx.algorithms._rl import masked_mean
-from rlx.algorithms._sampling import Scored
-from rlx.algorithms.grpo import GRPO
+from rlx.algorithms._sampling import Scored, sample_and_score
 from rlx.errors import RlxError
 from rlx.rollout import sequence_logprobs_and_entropy
 
@@ -127,7 +129,7 @@ def drpo_loss(logprobs: Tensor, old_logprobs: Tensor, mask: Tensor, correct: Ten
 # ---------------------------------------------------------------------------- the algorithm
 
 
-class DRPO(GRPO):
+class DRPO:
     def __init__(
         self,
         reward,
@@ -147,40 +149,58 @@ class DRPO(GRPO):
             raise RlxError(f"algo.delta={delta} (KL budget) and algo.beta={beta} (penalty) must be >= 0")
         if max_new_tokens < 1:
             raise RlxError(f"algo.max_new_tokens={max_new_tokens} must be >= 1: it is L_max of the length reward")
-        super().__init__(reward, group_size=group_size, max_new_tokens=max_new_tokens, temperature=temperature,
-                         top_p=top_p, minibatches=minibatches)
+        check_settings(group_size, minibatches=minibatches)
+        self.reward, self.group_size, self.max_new_tokens = reward, group_size, max_new_tokens
+        self.temperature, self.top_p, self.minibatches = temperature, top_p, minibatches
         self.lam, self.tau, self.delta, self.beta = lam, tau, delta, beta
+        self._queue = Replay()  # the minibatches of a rollout still being replayed
+
+    def param_groups(self) -> list[dict]:
+        return []  # the policy only
+
+    def state_dict(self) -> dict:
+        return {"queue": self._queue.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._queue.load_state_dict(state.get("queue", []))
+
+    def make_batch(self, examples, state) -> dict:
+        # only when the queue is empty are `examples` drawn from the stream
+        return self._queue.next(lambda: self._rollout(examples, state), state.model.device)
 
     @torch.no_grad()
     def _rollout(self, examples, state) -> list[dict]:
-        queue = super()._rollout(examples, state)
-        for mb in queue:  # the loss averages over prompts, so accumulation must weigh micro-batches by them
-            mb["num_targets"] = len(mb["advantages"]) // self.group_size
-        return queue
+        """Sample and score (GRPO's), log the contrast's shape, and cut the rollout into
+        `minibatches` minibatches of whole groups. The batch carries each response's checker
+        correctness; the response lengths travel in its response_mask."""
+        scored = sample_and_score(examples, state, self.reward, n=self.group_size, max_new_tokens=self.max_new_tokens,
+                                  temperature=self.temperature, top_p=self.top_p)
+        scored.metrics.update(self._contrast_metrics(scored))
+        data = rollout_tensors(scored, state, self.temperature, behaviour=self.minibatches > 1)
+        data["correct"] = scored.correct.float().to(state.model.device)
+        G = self.group_size
+        prompts = lambda mask: mask.shape[0] // G  # the loss averages over prompts, so accumulation weighs by them
+        return group_minibatches(data, self.minibatches, G, prompts, dict(scored.metrics))
 
-    def advantages(self, scored: Scored) -> Tensor:
-        """DRPO has no scalar advantage: the hook hands the loss each response's side of the contrast,
-        +1 correct, -1 incorrect (the task's checker), 0 in a group lacking either side; the loss
-        weighs them itself. The response lengths travel in the batch's response_mask."""
+    def _contrast_metrics(self, scored: Scored) -> dict:
+        """rl/valid_groups, drpo/max_weight and drpo/correct_len of one rollout."""
         G, correct = self.group_size, scored.correct.float()
         valid = valid_groups(correct, G)
         lengths = scored.rollout.lengths.float().cpu()
         weights = positive_weights(lengths, correct, self.max_new_tokens, self.lam, G)
         max_weight = weights.view(-1, G).max(1).values[valid]
-        scored.metrics.update({
+        return {
             "rl/valid_groups": valid.float().mean().item(),
             "drpo/max_weight": max_weight.mean().item() if valid.any() else 0.0,
             "drpo/correct_len": lengths[correct > 0.5].mean().item() if correct.any() else 0.0,
-        })
-        return torch.where(valid.repeat_interleave(G), 2 * correct - 1, 0.0)
+        }
 
     def loss(self, batch: dict, state):
         mask = batch["response_mask"]
         logprobs, entropy = sequence_logprobs_and_entropy(state.model, batch["input_ids"], batch["attention_mask"],
                                                           mask.shape[1], self.temperature)
         old = batch.get("old_logprobs", logprobs.detach())  # minibatches=1: old = current, KL_old = 0
-        correct = (batch["advantages"] > 0).float()  # invalid groups (0) count as all wrong: J_q = 0
-        loss, drpo_metrics = drpo_loss(logprobs, old, mask, correct, self.max_new_tokens, lam=self.lam,
+        loss, drpo_metrics = drpo_loss(logprobs, old, mask, batch["correct"], self.max_new_tokens, lam=self.lam,
                                        tau=self.tau, delta=self.delta, beta=self.beta, group_size=self.group_size)
         metrics = {**batch["metrics"], **drpo_metrics, "rl/entropy": masked_mean(entropy, mask).item()}
         metrics["train/loss"] = loss.detach()

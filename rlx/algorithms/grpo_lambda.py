@@ -35,6 +35,9 @@ Scope: "the batch" is one micro-batch rollout (trainer.micro_batch_size prompts)
 optimizer step's batch at trainer.grad_accum=1; with accumulation each micro-batch selects its own
 top-lambda groups. A micro-batch too small for floor(lambda * K) >= 1 stops the run with one line
 rather than silently training plain GRPO.
+
+The rollout, minibatches and loss are GRPO's, from the same shared pieces (`rlx.algorithms._group`);
+GRPO-lambda's own part is `advantages`, on the shaped rewards.
 """
 from __future__ import annotations
 
@@ -43,9 +46,18 @@ import math
 import torch
 from torch import Tensor
 
-from rlx.algorithms._rl import group_advantages
-from rlx.algorithms._sampling import Scored
-from rlx.algorithms.grpo import GRPO
+from rlx.algorithms._group import (
+    check_settings,
+    clip_term,
+    dynamic_sampling,
+    frozen,
+    group_minibatches,
+    grpo_loss,
+    rollout_tensors,
+)
+from rlx.algorithms._replay import Replay
+from rlx.algorithms._rl import aggregation_weight, group_advantages
+from rlx.algorithms._sampling import Scored, sample_and_score
 from rlx.errors import RlxError
 
 MODES = ("topk", "threshold")
@@ -81,10 +93,31 @@ def kimi_length_reward(lengths: Tensor, correct: Tensor, alpha: float = 1.0) -> 
     return torch.where(correct > 0, 1 + alpha * lam, alpha * lam.clamp(max=0))
 
 
-class GRPOLambda(GRPO):
-    def __init__(self, reward, fraction: float = 0.2, alpha: float = 0.6, mode: str = "topk",
-                 threshold: float = 1.0, length_reward: str = "sigmoid", **grpo):
-        super().__init__(reward, **grpo)
+class GRPOLambda:
+    def __init__(
+        self,
+        reward,
+        fraction: float = 0.2,
+        alpha: float = 0.6,
+        mode: str = "topk",
+        threshold: float = 1.0,
+        length_reward: str = "sigmoid",
+        group_size: int = 8,
+        max_new_tokens: int = 64,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        eps_low: float = 0.2,
+        eps_high: float = 0.2,
+        scale: str = "group",
+        loss_agg: str = "token_mean",
+        kl_coef: float = 0.0,
+        kl_estimator: str = "k3",
+        reference=None,
+        dynamic_sampling: bool = False,
+        max_draws: int = 4,
+        minibatches: int = 1,
+    ):
+        check_settings(group_size, scale, loss_agg, kl_coef, reference, minibatches)
         if mode not in MODES:
             raise RlxError(f"unknown algo.mode={mode!r}; valid: {', '.join(MODES)}")
         if length_reward not in LENGTH_REWARDS:
@@ -93,6 +126,25 @@ class GRPOLambda(GRPO):
             raise RlxError(f"algo.fraction={fraction} must be in [0, 1]")
         self.fraction, self.alpha, self.mode, self.threshold = fraction, alpha, mode, threshold
         self.length_reward = sigmoid_length_reward if length_reward == "sigmoid" else kimi_length_reward
+        self.reward, self.group_size, self.max_new_tokens = reward, group_size, max_new_tokens
+        self.temperature, self.top_p = temperature, top_p
+        self.eps_low, self.eps_high, self.scale, self.loss_agg = eps_low, eps_high, scale, loss_agg
+        self.kl_coef, self.kl_estimator, self.reference = kl_coef, kl_estimator, frozen(reference)
+        self.dynamic_sampling, self.max_draws, self.minibatches = dynamic_sampling, max_draws, minibatches
+        self._queue = Replay()  # the minibatches of a rollout still being replayed
+
+    def param_groups(self) -> list[dict]:
+        return []  # the policy only
+
+    def state_dict(self) -> dict:
+        return {"queue": self._queue.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._queue.load_state_dict(state.get("queue", []))
+
+    def make_batch(self, examples, state) -> dict:
+        # only when the queue is empty are `examples` drawn from the stream
+        return self._queue.next(lambda: self._rollout(examples, state), state.model.device)
 
     def shaped_rewards(self, rewards: Tensor, correct: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         """(rewards with S's groups length-penalised, the bool [K] selection S)."""
@@ -121,3 +173,31 @@ class GRPOLambda(GRPO):
                 scored.metrics[f"grpo_lambda/rho_{name}"] = ratios[rows].mean().item()
                 scored.metrics[f"grpo_lambda/len_{name}"] = mean_len[rows].mean().item()
         return group_advantages(rewards, G, scale=self.scale, lengths=lengths)
+
+    # Sampling, the rollout and the loss are GRPO's, kept word for word as in rlx/algorithms/grpo.py.
+
+    def _sample(self, examples, state) -> Scored:
+        return sample_and_score(examples, state, self.reward, n=self.group_size, max_new_tokens=self.max_new_tokens,
+                                temperature=self.temperature, top_p=self.top_p)
+
+    @torch.no_grad()
+    def _rollout(self, examples, state) -> list[dict]:
+        """Sample (with dynamic sampling, keep the informative groups), score, compute advantages,
+        and cut the rollout into `minibatches` minibatches of whole groups."""
+        if self.dynamic_sampling:
+            draw = lambda ex: self._sample(ex, state)
+            scored, extra = dynamic_sampling(examples, draw, self.group_size, self.max_draws,
+                                             state.tokenizer.pad_token_id)
+        else:
+            scored, extra = self._sample(examples, state), {}
+        advantages = self.advantages(scored).to(state.model.device)
+        data = rollout_tensors(scored, state, self.temperature, behaviour=self.minibatches > 1,
+                               reference=self.reference)
+        data["advantages"] = advantages
+        weight = lambda mask: aggregation_weight(mask, self.loss_agg, self.max_new_tokens)
+        return group_minibatches(data, self.minibatches, self.group_size, weight, {**scored.metrics, **extra})
+
+    def loss(self, batch: dict, state):
+        return grpo_loss(batch, state, clip_term(self.eps_low, self.eps_high), temperature=self.temperature,
+                         loss_agg=self.loss_agg, max_len=self.max_new_tokens, reference=self.reference,
+                         kl_coef=self.kl_coef, kl_estimator=self.kl_estimator)

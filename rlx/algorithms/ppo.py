@@ -17,7 +17,7 @@ is the clipped surrogate + vf_coef * clipped value loss (+ kl_coef * KL to the r
 aggregated per `loss_agg` (token_mean, as TRL's PPOTrainer).
 
 The critic is a second copy of the policy's model (`critic: ${model}`, as TRL and verl use a
-separate value model) whose LM head is replaced by a zero-initialised Linear(hidden, 1), so
+separate value model; `rlx.algorithms._critic`, shared with T-PPO) whose LM head is replaced by a zero-initialised Linear(hidden, 1), so
 every value starts at 0. Its parameters join the loop's optimizer as a second parameter group
 (`param_groups()`, at `critic_lr` if set: verl's critic.optim.lr) and are
 checkpointed with the rollout being replayed (`state_dict()`), so a resumed run continues
@@ -27,8 +27,9 @@ verl ppo_epochs / ppo_mini_batch_size / critic.cliprange_value / algorithm.kl_ct
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
 
+from rlx.algorithms._critic import ValueModel, critic_group, score_rewards
+from rlx.algorithms._replay import Replay, minibatches
 from rlx.algorithms._rl import (
     AGG_MODES,
     aggregate,
@@ -42,64 +43,7 @@ from rlx.algorithms._rl import (
 )
 from rlx.algorithms._sampling import sample_and_score
 from rlx.errors import RlxError
-from rlx.rollout import eval_mode, positions, sequence_logprobs, sequence_logprobs_and_entropy
-
-
-class ValueModel(nn.Module):
-    """V(prefix) for every response position: a causal LM's decoder and a scalar head."""
-
-    def __init__(self, lm):
-        super().__init__()
-        self.backbone = lm.get_decoder()  # drops the LM head (unused)
-        ref = next(self.backbone.parameters())
-        self.head = nn.Linear(lm.config.hidden_size, 1, device=ref.device, dtype=ref.dtype)
-        nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
-
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, response_len: int) -> Tensor:
-        """[B, response_len] float32: the value before each response token (the state the token is
-        chosen in, aligned with `sequence_logprobs`); 0 where masked."""
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
-                               position_ids=positions(attention_mask)).last_hidden_state
-        values = self.head(hidden[:, -response_len - 1 : -1]).squeeze(-1).float()
-        return values * attention_mask[:, -response_len:]
-
-
-def critic_group(critic: ValueModel, lr: float | None) -> list[dict]:
-    """The critic's parameters as one group of the loop's optimizer (named `critic.*`), at `lr` if
-    set (verl's critic.optim.lr), else the optimizer's lr. PPO and T-PPO share it."""
-    group = {"params": [(f"critic.{n}", p) for n, p in critic.named_parameters() if p.requires_grad]}
-    return [group if lr is None else {**group, "lr": lr}]
-
-
-def score_rewards(scores: Tensor, mask: Tensor, kl: Tensor | None = None, kl_coef: float = 0.0) -> Tensor:
-    """Per-token rewards [B, T]: each sequence's score on its last valid token, minus
-    kl_coef * kl on every token (the RLHF reward of Ouyang et al., eq. 2; TRL's PPO)."""
-    rewards = torch.zeros_like(mask, dtype=torch.float32)
-    last = mask.sum(-1).long().clamp(min=1) - 1
-    rewards[torch.arange(len(scores), device=mask.device), last] = scores.to(rewards)
-    if kl is not None and kl_coef:
-        rewards = rewards - kl_coef * kl * mask
-    return rewards * mask
-
-
-def replay(data: dict, mask_key: str, epochs: int, minibatches: int, loss_agg: str, max_len: int,
-           metrics: dict) -> list[dict]:
-    """The minibatches `make_batch` hands out for one rollout: `epochs` passes over the rows of
-    `data`, each a fresh shuffle cut into `minibatches`, with the loop's num_targets (per
-    `loss_agg` over `data[mask_key]`) and num_tokens. Always exactly epochs * minibatches of them:
-    `tensor_split` makes sizes differ by at most one row (`chunk` would make 3 of 6 rows for 4)."""
-    mask = data[mask_key]
-    queue = []
-    for _ in range(epochs):
-        for rows in torch.randperm(mask.shape[0]).tensor_split(minibatches):
-            rows = rows.to(mask.device)
-            mb = {k: v[rows] for k, v in data.items()}
-            mb["num_targets"] = int(aggregation_weight(mb[mask_key], loss_agg, max_len))
-            mb["num_tokens"] = int(mb[mask_key].sum())
-            mb["metrics"] = metrics
-            queue.append(mb)
-    return queue
+from rlx.rollout import eval_mode, sequence_logprobs, sequence_logprobs_and_entropy
 
 
 class PPO:
@@ -140,7 +84,7 @@ class PPO:
         self.kl_reward_coef, self.kl_coef, self.kl_estimator = kl_reward_coef, kl_coef, kl_estimator
         self.reference = reference.model.eval().requires_grad_(False) if reference is not None else None
         self.critic, self.critic_lr = ValueModel(critic.model), critic_lr
-        self._queue: list[dict] = []  # the minibatches of the rollout being replayed
+        self._queue = Replay()  # the minibatches of the rollout being replayed
 
     # ------------------------------------------------------------------ what the loop sees
 
@@ -148,19 +92,16 @@ class PPO:
         return critic_group(self.critic, self.critic_lr)
 
     def state_dict(self) -> dict:
-        return {"critic": self.critic.state_dict(), "queue": self._queue}
+        return {"critic": self.critic.state_dict(), "queue": self._queue.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         if "critic" in state:
             self.critic.load_state_dict(state["critic"])
-        device = self.critic.head.weight.device
-        self._queue = [{k: v.to(device) if isinstance(v, Tensor) else v for k, v in mb.items()}
-                       for mb in state.get("queue", [])]
+        self._queue.load_state_dict(state.get("queue", []))
 
     def make_batch(self, examples, state) -> dict:
-        if not self._queue:  # only now are `examples` drawn from the stream
-            self._queue = self._rollout(examples, state)
-        return self._queue.pop(0)
+        # only when the queue is empty are `examples` drawn from the stream
+        return self._queue.next(lambda: self._rollout(examples, state), state.model.device)
 
     # ------------------------------------------------------------------ rollout
 
@@ -192,7 +133,8 @@ class PPO:
         data.update(advantages=advantages, returns=returns)
         metrics["rl/value_mean"] = masked_mean(old_values, mask).item()
         metrics["rl/return_mean"] = masked_mean(returns, mask).item()
-        return replay(data, "response_mask", self.epochs, self.minibatches, self.loss_agg, self.max_new_tokens, metrics)
+        weight = lambda mask: aggregation_weight(mask, self.loss_agg, self.max_new_tokens)
+        return minibatches(data, self.minibatches, weight, metrics, epochs=self.epochs)  # fresh shuffle per epoch
 
     # ------------------------------------------------------------------ loss
 

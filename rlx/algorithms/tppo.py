@@ -92,9 +92,12 @@ import time
 import torch
 from torch import Tensor
 
+from rlx.algorithms._critic import ValueModel, critic_group, score_rewards
+from rlx.algorithms._replay import Replay, minibatches
 from rlx.algorithms._rl import (
     AGG_MODES,
     aggregate,
+    aggregation_weight,
     clipped_policy_loss,
     clipped_value_loss,
     gae,
@@ -102,7 +105,6 @@ from rlx.algorithms._rl import (
     whiten,
 )
 from rlx.algorithms._sampling import score
-from rlx.algorithms.ppo import ValueModel, critic_group, replay, score_rewards
 from rlx.data.collate import prompt_batch
 from rlx.errors import RlxError
 from rlx.rollout import Rollout, eval_mode, extend, sequence_logprobs, sequence_logprobs_and_entropy
@@ -176,7 +178,7 @@ class TPPO:
         self._pool: Rollout | None = None  # the unfinished responses, row i answering self._rows[i]
         self._rows: list[dict] = []
         self._backlog: list[dict] = []  # drawn prompts (x samples_per_prompt) waiting for a free row
-        self._queue: list[dict] = []  # the minibatches of the window being replayed
+        self._queue = Replay()  # the minibatches of the window being replayed
 
     # ------------------------------------------------------------------ what the loop sees
 
@@ -185,7 +187,7 @@ class TPPO:
 
     def state_dict(self) -> dict:
         pool = None if self._pool is None else dict(vars(self._pool))
-        return {"critic": self.critic.state_dict(), "queue": self._queue, "pool": pool, "rows": self._rows,
+        return {"critic": self.critic.state_dict(), "queue": self._queue.state_dict(), "pool": pool, "rows": self._rows,
                 "backlog": self._backlog, "size": self._size}
 
     def load_state_dict(self, state: dict) -> None:
@@ -193,15 +195,14 @@ class TPPO:
             self.critic.load_state_dict(state["critic"])
         device = self.critic.head.weight.device
         to = lambda d: {k: v.to(device) if isinstance(v, Tensor) else v for k, v in d.items()}
-        self._queue = [to(mb) for mb in state.get("queue", [])]
+        self._queue.load_state_dict(state.get("queue", []))
         self._pool = Rollout(**to(state["pool"])) if state.get("pool") is not None else None
         self._rows, self._backlog = list(state.get("rows", [])), list(state.get("backlog", []))
         self._size = state.get("size", 0)
 
     def make_batch(self, examples, state) -> dict:
-        if not self._queue:
-            self._queue = self._step(examples, state)
-        return self._queue.pop(0)
+        # only when the queue is empty is a window generated (and `examples` perhaps drawn)
+        return self._queue.next(lambda: self._step(examples, state), state.model.device)
 
     # ------------------------------------------------------------------ the pool
 
@@ -300,7 +301,8 @@ class TPPO:
         data = {"input_ids": input_ids, "attention_mask": attention_mask, "policy_mask": policy_mask,
                 "value_mask": value_mask, "old_logprobs": old_logprobs, "old_values": old_values,
                 "advantages": advantages, "returns": returns}
-        return replay(data, "policy_mask", self.epochs, self.minibatches, self.loss_agg, self._policy_len, metrics)
+        weight = lambda mask: aggregation_weight(mask, self.loss_agg, self._policy_len)
+        return minibatches(data, self.minibatches, weight, metrics, mask="policy_mask", epochs=self.epochs)
 
     # ------------------------------------------------------------------ loss
 

@@ -130,7 +130,7 @@ def canned(monkeypatch):
         texts = [t for ex in examples for t in groups[ex["id"]]]
         return scored_from_texts(texts, rows, reward, state.task, state.tokenizer)
 
-    monkeypatch.setattr("rlx.algorithms.grpo.sample_and_score", sample_and_score)
+    monkeypatch.setattr("rlx.algorithms.dot.sample_and_score", sample_and_score)
     return groups
 
 

@@ -189,7 +189,7 @@ def test_one_step_changes_the_policy_and_counts_prompts():
     before = copy.deepcopy(state.model.state_dict())
     torch.manual_seed(0)
     batch = algo.make_batch(state.task.split("train")[:2], state)
-    assert batch["advantages"].tolist() == [1.0, -1.0] * 4  # the checker's alternation, both groups valid
+    assert batch["correct"].tolist() == [1.0, 0.0] * 4  # the checker's alternation (both groups valid: below)
     assert batch["num_targets"] == 2  # prompts, not tokens
     loss, metrics = algo.loss(batch, state)
     loss.backward()
