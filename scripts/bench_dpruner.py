@@ -65,10 +65,8 @@ def plot(result: dict) -> None:
         ax.scatter(r["general/perplexity"], r["eval/perplexity"], s=40)
         ax.annotate(r["run"], (r["general/perplexity"], r["eval/perplexity"]), fontsize=8,
                     xytext=(4, 4), textcoords="offset points")
-    ax.set_xscale("log")
-    ax.set_xlabel("general perplexity (held-out Shakespeare)")
-    ax.set_ylabel("domain perplexity (reasoning task)")
-    ax.set_title("SmolLM2-135M at 50% sparsity: lower left is better")
+    ax.set(xscale="log", xlabel="general perplexity (held-out Shakespeare)",
+           ylabel="domain perplexity (reasoning task)", title="SmolLM2-135M at 50% sparsity: lower left is better")
     ax.grid(alpha=0.3)
     bench.save_figure(fig, "dpruner.png")
 

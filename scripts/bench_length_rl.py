@@ -220,9 +220,8 @@ def plot(result: dict) -> None:
         (x, xe), (y, ye) = s["mean_len"], s["accuracy"]
         ax.errorbar([x], [100 * y], xerr=[0 if math.isnan(xe) else xe], yerr=[0 if math.isnan(ye) else 100 * ye],
                     fmt="o", capsize=3, label=method)
-    ax.set_xlabel("mean response length (tokens, sampled at T = 1)")
-    ax.set_ylabel("sampled accuracy (%)")
-    ax.set_title("Accuracy-length frontier on the embedded task")
+    ax.set(xlabel="mean response length (tokens, sampled at T = 1)", ylabel="sampled accuracy (%)",
+           title="Accuracy-length frontier on the embedded task")
     _save(fig, ax, "length_frontier.png")
     curves = {m: [r for r in result["runs"] if r["method"] == m] for m in RL_PAIR}
     if all(curves.values()):
@@ -234,8 +233,7 @@ def plot(result: dict) -> None:
                        for i in range(len(pts))]
                 ax.plot([p["time_s"] for p in pts], acc, color="C0" if method == "ppo" else "C1",
                         alpha=0.8, label=f"{method} seed {r['seed']}")
-        ax.set_xlabel("wall-clock seconds (rollout + update)")
-        ax.set_ylabel("training accuracy (moving average of 5 steps)")
+        ax.set(xlabel="wall-clock seconds (rollout + update)", ylabel="training accuracy (moving average of 5 steps)")
         _save(fig, ax, "tppo_wallclock.png")
 
 

@@ -155,9 +155,8 @@ def plot(result: dict) -> None:
         ax.scatter(r["memory/optimizer_MB"], perplexity(r), marker="s" if peer else "o", s=36)
         ax.annotate(r["name"], (r["memory/optimizer_MB"], perplexity(r)), fontsize=7, xytext=(4, 3),
                     textcoords="offset points")
-    ax.set_xlabel("optimizer state (MB)")
-    ax.set_ylabel("validation perplexity")
-    ax.set_title(f"model=tiny, {result['steps']} steps on shakespeare (squares: peer libraries)")
+    ax.set(xlabel="optimizer state (MB)", ylabel="validation perplexity",
+           title=f"model=tiny, {result['steps']} steps on shakespeare (squares: peer libraries)")
     ax.grid(alpha=0.3)
     bench.save_figure(fig, "optim_pareto.png")
 

@@ -133,9 +133,7 @@ def plot(result: dict) -> None:
         fp = [r[METRIC[model]] for r in result["runs"] if r["model"] == model and r["bits"] == 16]
         if fp:
             ax.axhline(fp[0], color="gray", linestyle="--", label="fp")
-        ax.set_xlabel("average bits per weight")
-        ax.set_ylabel(METRIC[model])
-        ax.set_title(model)
+        ax.set(xlabel="average bits per weight", ylabel=METRIC[model], title=model)
         if METRIC[model] == "eval/perplexity":
             ax.set_yscale("log")
         ax.grid(alpha=0.3)

@@ -155,8 +155,7 @@ def plot(result: dict) -> None:
             if name in runs:
                 steps, losses = zip(*runs[name]["curve"])
                 ax.plot(steps, losses, label=name, linestyle="--" if name.startswith("no_master") else "-")
-        ax.set_title(f"{fmt} weights")
-        ax.set_xlabel("step")
+        ax.set(title=f"{fmt} weights", xlabel="step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     axes[0].set_ylabel("training loss")
