@@ -36,6 +36,7 @@ import json
 import math
 import os
 import platform
+import re
 import shlex
 import sys
 import tempfile
@@ -290,7 +291,9 @@ class Bench:
 
     def __init__(self, doc: str, heading: str, *, name: str | None = None, runs: Mapping | None = None,
                  quick: Mapping | None = None):
-        self.name = name or Path(sys.argv[0]).stem
+        # the script the heading names, "## Domain pruning (bench_dpruner)": results/bench_dpruner.json
+        named = re.search(r"\((\w+)\)$", heading)
+        self.name = name or (named.group(1) if named else Path(sys.argv[0]).stem)
         self.heading, self.runs, self.quick_settings = heading, dict(runs or {}), dict(quick or {})
         self.parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
         if self.runs:

@@ -135,3 +135,8 @@ def test_quiet_run_returns_the_run_with_other_cores():
     rejected = []
     result = quiet_run(lambda: {"s": 1}, quiet=100.0, retries=1, max_wait=0, rejected=rejected)
     assert result["s"] == 1 and result["other_cores"] >= 0 and rejected == []
+
+
+def test_the_heading_names_the_results_file():
+    assert Bench("", "## Domain pruning (bench_dpruner)").name == "bench_dpruner"
+    assert Bench("", "## Embedded default", name="embedded").name == "embedded"
