@@ -7,7 +7,15 @@ tokens) in the batch: the loop weights micro-batches by it, so 1 x 8 and 8 x 1 a
 give the same gradient. Where those units are not tokens (pairs, sequences), `num_tokens`
 tells the loop how many tokens the batch trained on, for `train/tokens` and throughput.
 An algorithm with nothing to add writes the no-op one-liners (`return []`, `return {}`, `...`).
-Shared math lives in pure functions (`_rl.py`), not base classes.
+Shared pieces are composed, not inherited; no algorithm subclasses or overrides another:
+    _rl.py        the math as pure functions (advantages, policy/value losses, KL, aggregation)
+    _sampling.py  sample and score a micro-batch of prompts (`Scored`), the shared rollout metrics
+    _group.py     GRPO and its variants: settings checks, group selection and dynamic sampling,
+                  the rollout's tensors, GRPO's loss around a per-token policy term
+    _replay.py    the replay queue of a rollout's minibatches and the minibatch cutter (all online RL)
+    _critic.py    the value model of PPO and T-PPO
+Where a variant repeats a few lines of GRPO (its rollout, its loss call) the copy is word for
+word, and tests/algorithms/test_contract.py checks that it stays so.
 """
 from __future__ import annotations
 

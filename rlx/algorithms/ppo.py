@@ -17,8 +17,9 @@ is the clipped surrogate + vf_coef * clipped value loss (+ kl_coef * KL to the r
 aggregated per `loss_agg` (token_mean, as TRL's PPOTrainer).
 
 The critic is a second copy of the policy's model (`critic: ${model}`, as TRL and verl use a
-separate value model; `rlx.algorithms._critic`, shared with T-PPO) whose LM head is replaced by a zero-initialised Linear(hidden, 1), so
-every value starts at 0. Its parameters join the loop's optimizer as a second parameter group
+separate value model) whose LM head is replaced by a zero-initialised Linear(hidden, 1), so
+every value starts at 0 (`rlx.algorithms._critic`, shared with T-PPO; so is the minibatch
+queue, `rlx.algorithms._replay`). Its parameters join the loop's optimizer as a second parameter group
 (`param_groups()`, at `critic_lr` if set: verl's critic.optim.lr) and are
 checkpointed with the rollout being replayed (`state_dict()`), so a resumed run continues
 exactly. Names: TRL num_ppo_epochs / num_mini_batches / vf_coef / cliprange_value / kl_coef;

@@ -1,6 +1,7 @@
 """The algorithm contract, and checks that plausible bugs in the RL losses cannot pass: the KL term's
 sign and presence, each loss aggregation by hand, the critic's alignment, k3's clamps, PPO's
 minibatch count, and GRPO-lambda's empty selection."""
+import inspect
 import math
 
 import pytest
@@ -19,6 +20,7 @@ from rlx.algorithms.rm import RM
 from rlx.algorithms.sft import SFT
 from rlx.algorithms.tppo import TPPO
 from rlx.data.reasoning import ReasoningTask
+from rlx.data.stream import ExampleStream, NextBatch, draw_more
 from rlx.errors import RlxError
 from rlx.models import tiny
 from rlx.rewards import WeightedSum
@@ -165,3 +167,24 @@ def test_grpo_lambda_refuses_a_micro_batch_too_small_to_select_any_group():
     torch.manual_seed(0)
     with pytest.raises(RlxError, match="selects none.*at least 5 prompts"):
         algo.make_batch(TASK.split("train")[:2], state)  # floor(0.2 * 2) = 0 groups
+
+
+@pytest.mark.parametrize("variant,methods", [
+    (DLER, ["make_batch", "_rollout", "advantages", "loss"]),
+    (GRPOLambda, ["make_batch", "_sample", "_rollout", "loss"]),
+    (DOT, ["make_batch", "advantages"]),
+    (DRPO, ["make_batch"]),
+])
+def test_the_variants_copies_of_grpo_stay_word_for_word(variant, methods):
+    """The variants compose GRPO's pieces; the few lines they repeat must not drift apart."""
+    for name in methods:
+        assert inspect.getsource(vars(variant)[name]) == inspect.getsource(vars(GRPO)[name]), name
+
+
+def test_next_batch_draws_more_through_itself_and_a_plain_list_has_none():
+    stream, twin = ExampleStream(TASK.split("train"), 2, seed=0), ExampleStream(TASK.split("train"), 2, seed=0)
+    first, second = twin.next(), twin.next()
+    batch = NextBatch(stream)
+    assert draw_more(batch) == second  # the batch's own micro-batch is drawn first, whatever is asked first
+    assert list(batch) == first and stream.pos == 4
+    assert draw_more(TASK.split("train")[:2]) == []
