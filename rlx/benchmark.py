@@ -290,14 +290,15 @@ class Bench:
     """One benchmark's command line and results: see the module docstring."""
 
     def __init__(self, doc: str, heading: str, *, name: str | None = None, runs: Mapping | None = None,
-                 quick: Mapping | None = None):
+                 quick: Mapping | None = None, runs_alias: str | None = None):
         # the script the heading names, "## Domain pruning (bench_dpruner)": results/bench_dpruner.json
         named = re.search(r"\((\w+)\)$", heading)
         self.name = name or (named.group(1) if named else Path(sys.argv[0]).stem)
         self.heading, self.runs, self.quick_settings = heading, dict(runs or {}), dict(quick or {})
         self.parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
         if self.runs:
-            self.parser.add_argument("--runs", nargs="+", default=list(self.runs), choices=list(self.runs),
+            flags = ["--runs", *([runs_alias] if runs_alias else [])]  # the alias: the flag's older name
+            self.parser.add_argument(*flags, dest="runs", nargs="+", default=list(self.runs), choices=list(self.runs),
                                      help="which of the declared runs to measure (default: all)")
         quick_help = ", ".join(f"{k}={v}" for k, v in self.quick_settings.items()) or "as declared"
         self.parser.add_argument("--quick", action="store_true",

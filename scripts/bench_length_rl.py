@@ -59,7 +59,7 @@ RL_PAIR = ("ppo", "tppo")
 
 
 bench = Bench(__doc__, "## Accuracy-length frontier (bench_length_rl)", runs=METHODS,
-              quick={"runs": ["grpo", "tppo"], "seeds": [0], "rollouts": 2})
+              quick={"runs": ["grpo", "tppo"], "seeds": [0], "rollouts": 2}, runs_alias="--methods")
 bench.option("--seeds", nargs="+", type=int, default=[0, 1, 2])
 bench.option("--rollouts", type=int, default=60, help="rollouts per run (same for every method)")
 bench.option("overrides", nargs="*", help="more config overrides for every run (after --)")

@@ -148,7 +148,7 @@ def render(result: dict) -> str:
 
 bench = Bench(__doc__, "## Quantization robustness across optimizers (bench_quant_robustness)",
               runs={name: [f"optimizer={name}"] for name in optimizers()},
-              quick={"runs": ["adamw", "sgd"], "steps": 5, "samples": 2})
+              quick={"runs": ["adamw", "sgd"], "steps": 5, "samples": 2}, runs_alias="--optimizers")
 bench.option("--seeds", nargs="+", type=int, default=[0])
 bench.option("--steps", type=int, default=200, help="optimizer steps per run (same for every optimizer)")
 bench.option("--lr", nargs="+", default=[], metavar="NAME=LR",

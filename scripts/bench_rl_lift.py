@@ -1,7 +1,7 @@
 """Accuracy lift of online RL over the SFT base: `rlx train experiment=<algo>_tiny` for GRPO and PPO.
 
     python scripts/bench_rl_lift.py                      # needs the SFT base (`make base`); ~15 min on 2 CPU cores
-    python scripts/bench_rl_lift.py --algos grpo --steps 50 -- optimizer.lr=5e-5
+    python scripts/bench_rl_lift.py --runs grpo --steps 50 -- optimizer.lr=5e-5
 
 Each run starts from the cached tiny SFT base. The base and each run's final checkpoint answer
 the same 768 held-out problems (validation 256 + test 512) greedily, and the lift is reported
@@ -19,9 +19,9 @@ from rlx.benchmark import Bench, command, machine_line, metric, trained
 from rlx.evaluate import paired_difference
 
 SPLITS = {"validation": 256, "test": 512}
-bench = Bench(__doc__, "## RL accuracy lift over the SFT base (bench_rl_lift)",
-              quick={"algos": ["grpo"], "steps": 2})
-bench.option("--algos", nargs="+", default=["grpo", "ppo"], help="experiments <algo>_tiny to run")
+RUNS = {algo: [f"experiment={algo}_tiny", "trainer.progress=false"] for algo in ("grpo", "ppo")}
+bench = Bench(__doc__, "## RL accuracy lift over the SFT base (bench_rl_lift)", runs=RUNS,
+              quick={"runs": ["grpo"], "steps": 2}, runs_alias="--algos")
 bench.option("--steps", type=int, help="override trainer.max_steps")
 bench.option("overrides", nargs="*", help="more config overrides for every run (after --)")
 
@@ -33,7 +33,7 @@ def correctness(model, tokenizer, task) -> dict[str, list[bool]]:
 
 
 def run(algo: str, overrides: list[str], base: dict, task) -> dict:
-    with trained([f"experiment={algo}_tiny", "trainer.progress=false", *overrides]) as t:
+    with trained([*RUNS[algo], *overrides]) as t:
         tuned = t.policy()
         after = correctness(tuned.model, tuned.tokenizer, task)
         sampled = metric(t.rows, "rl/accuracy")
@@ -57,7 +57,7 @@ def measure(args) -> dict:
     base = correctness(policy.model, policy.tokenizer, task)
     base_acc = {s: sum(v) / len(v) for s, v in base.items()}
     base_acc["all"] = sum(sum(v) for v in base.values()) / sum(len(v) for v in base.values())
-    runs = [run(algo, overrides, base, task) for algo in args.algos]
+    runs = [run(algo, overrides, base, task) for algo in args.runs]
     # Runs of other (algo, overrides) from earlier invocations stay in the table; reruns replace theirs.
     key = lambda r: (r["algo"], tuple(r["overrides"]))
     runs = [r for r in bench.load().get("runs", []) if key(r) not in {key(n) for n in runs}] + runs

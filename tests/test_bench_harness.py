@@ -140,3 +140,8 @@ def test_quiet_run_returns_the_run_with_other_cores():
 def test_the_heading_names_the_results_file():
     assert Bench("", "## Domain pruning (bench_dpruner)").name == "bench_dpruner"
     assert Bench("", "## Embedded default", name="embedded").name == "embedded"
+
+
+def test_runs_alias_keeps_the_older_flag():
+    bench = Bench("", "## Toy (bench_toy)", runs={"a": [], "b": []}, runs_alias="--methods")
+    assert bench.parse(["--methods", "b"]).runs == ["b"] and bench.parse([]).runs == ["a", "b"]
