@@ -31,7 +31,7 @@ RUNS = {
 }
 KEEP = ("sparsity", "prune_s", "eval/accuracy", "eval/perplexity", "general/perplexity")
 QUICK = ["calib.samples=4", "eval.samples=4", "eval.max_new_tokens=16"]
-bench = Bench(__doc__, "## Domain pruning (bench_dpruner)", runs=RUNS, quick={"runs": ["dense", "magnitude"]})
+bench = Bench(__doc__, "## Domain pruning (bench_dpruner)", runs=RUNS, quick={"runs": ["magnitude"]})
 
 
 def measure(args) -> dict:
