@@ -36,7 +36,7 @@ def group_options(group: str, command: str | None = None) -> list[str]:
     for a group of one command (`group` may also be written "quantize/method")."""
     folder = CONF_DIR / command / group if command in COMMAND_GROUPS and group in COMMAND_GROUPS[command] \
         else CONF_DIR / group
-    if not folder.is_dir() or group in COMMAND_GROUPS.get(None, ()):
+    if not folder.is_dir():
         raise RlxError(f"unknown config group {group!r}; groups: {', '.join(ALL_GROUPS)}")
     return sorted(p.stem for p in folder.glob("*.yaml"))
 

@@ -7,10 +7,13 @@ import json
 import torch
 
 from rlx.config import compose_config
+from rlx.data.reasoning import ReasoningTask
 from rlx.hooks import EVENTS, Hook
 from rlx.lowrank.trp import TRP
 from rlx.models import tiny
 from rlx.optimizers.splitting import GradientSplitting
+from rlx.rewards import WeightedSum
+from rlx.state import TrainState
 
 # ---------------------------------------------------------------------------- from tests/conftest.py
 
@@ -197,3 +200,50 @@ class RecordFakeQuant(Hook):
     def on_step_start(self, state):
         layer = state.model.get_submodule("model.layers.0.mlp.down_proj")
         FAKE_QUANT_STATES.append((state.step, state.tokens, layer.weight_fake_quantizer.enabled))
+
+
+# ---------------------------------------------------------------------------- from tests/algorithms/test_grpo.py
+
+
+TINY = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64}
+
+
+TASK = ReasoningTask(num_train=16, num_validation=2, num_test=2)
+
+
+class Constant:
+    def __call__(self, responses, examples, task, lengths=None):
+        return torch.ones(len(responses))
+
+
+class Alternating:
+    """Rewards 1, 0, 1, 0, ... so every group has a spread and a non-zero advantage."""
+
+    def __call__(self, responses, examples, task, lengths=None):
+        return torch.tensor([float(i % 2 == 0) for i in range(len(responses))])
+
+
+# ---------------------------------------------------------------------------- from tests/algorithms/test_dler.py
+
+
+def eos_policy():
+    """A tiny model that always answers with EOS at once: every response finished, length 1."""
+    policy = tiny(**TINY, device="cpu")
+    eos = policy.tokenizer.eos_token_id
+
+    def favour_eos(module, inputs, logits):
+        logits = logits.clone()
+        logits[..., eos] += 50.0
+        return logits
+
+    policy.model.lm_head.register_forward_hook(favour_eos)
+    return policy
+
+
+def loss_of(algo_cls, reward, **kwargs):
+    policy = eos_policy()
+    state = TrainState(policy.model, policy.tokenizer, torch.optim.SGD(policy.model.parameters(), lr=0.1), None, TASK)
+    algo = algo_cls(WeightedSum({"r": reward}, {"r": 1.0}), group_size=4, max_new_tokens=8, **kwargs)
+    torch.manual_seed(0)
+    batch = algo.make_batch(TASK.split("train")[:2], state)
+    return algo.loss(batch, state)[0], batch

@@ -26,7 +26,7 @@ from rlx.models import tiny
 from rlx.rewards import WeightedSum
 from rlx.rollout import sequence_logprobs
 from rlx.state import TrainState
-from tests.algorithms.test_grpo import Alternating, Constant
+from tests.support import Alternating, Constant
 
 SMALL = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64}
 TASK = ReasoningTask(num_train=16, num_validation=2, num_test=2)

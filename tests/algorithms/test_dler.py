@@ -14,8 +14,7 @@ from rlx.models import tiny
 from rlx.rewards import WeightedSum
 from rlx.state import TrainState
 from rlx.tasks import run_training
-from tests.algorithms.test_grpo import SMALL, TASK, Alternating, Constant
-from tests.support import small_config
+from tests.support import TASK, TINY, Alternating, Constant, eos_policy, loss_of, small_config
 
 REWARDS = torch.tensor([1.0, 0, 0, 0, 1, 1, 0, 0])
 
@@ -71,27 +70,8 @@ def test_clip_higher_lets_a_positive_advantage_token_keep_its_gradient():
     assert grad == pytest.approx(-1.25) and not clipped
 
 
-def eos_policy():
-    """A tiny model that always answers with EOS at once: every response finished, length 1."""
-    policy = tiny(**SMALL, device="cpu")
-    eos = policy.tokenizer.eos_token_id
-
-    def favour_eos(module, inputs, logits):
-        logits = logits.clone()
-        logits[..., eos] += 50.0
-        return logits
-
-    policy.model.lm_head.register_forward_hook(favour_eos)
-    return policy
 
 
-def loss_of(algo_cls, reward, **kwargs):
-    policy = eos_policy()
-    state = TrainState(policy.model, policy.tokenizer, torch.optim.SGD(policy.model.parameters(), lr=0.1), None, TASK)
-    algo = algo_cls(WeightedSum({"r": reward}, {"r": 1.0}), group_size=4, max_new_tokens=8, **kwargs)
-    torch.manual_seed(0)
-    batch = algo.make_batch(TASK.split("train")[:2], state)
-    return algo.loss(batch, state)[0], batch
 
 
 def test_with_group_normalisation_and_symmetric_clipping_dler_is_grpo():
@@ -108,7 +88,7 @@ def test_with_nothing_truncated_and_symmetric_clipping_dler_is_grpo_with_batch_n
 
 
 def test_truncated_responses_lose_their_reward_in_a_real_rollout():
-    policy = tiny(**SMALL, device="cpu")  # untrained: it rarely emits EOS within 8 tokens
+    policy = tiny(**TINY, device="cpu")  # untrained: it rarely emits EOS within 8 tokens
     state = TrainState(policy.model, policy.tokenizer, torch.optim.SGD(policy.model.parameters(), lr=0.1), None, TASK)
     algo = DLER(WeightedSum({"r": Constant()}, {"r": 1.0}), group_size=4, max_new_tokens=8, dynamic_sampling=False)
     torch.manual_seed(0)
@@ -157,14 +137,14 @@ def test_dler_runs_in_the_loop_and_rlx_merge_writes_a_loadable_checkpoint(tmp_pa
     from rlx.models import hf
     from rlx.state import find_checkpoint, load_model_weights
 
-    policy = tiny(**SMALL, device="cpu")  # the base: fresh weights of the same architecture
+    policy = tiny(**TINY, device="cpu")  # the base: fresh weights of the same architecture
     policy.model.save_pretrained(tmp_path / "base")
     policy.tokenizer.save_pretrained(tmp_path / "base")
     result = CliRunner().invoke(app, ["merge", str(tmp_path / "base"), str(tmp_path / "run"), str(tmp_path / "out"),
                                       "--keep", "1", "--scale", "1"])
     assert result.exit_code == 0, result.output
     merged = hf(str(tmp_path / "out"), device="cpu", dtype="float32").model
-    tuned = tiny(**SMALL, device="cpu").model
+    tuned = tiny(**TINY, device="cpu").model
     load_model_weights(tuned, find_checkpoint(tmp_path / "run"))
     assert all(torch.equal(a, b) for a, b in zip(merged.state_dict().values(), tuned.state_dict().values()))
     bad = CliRunner().invoke(app, ["merge", str(tmp_path / "nope"), str(tmp_path / "run"), str(tmp_path / "o2")])

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from rlx.algorithms.grpo import GRPO
-from rlx.data.reasoning import ReasoningTask
 from rlx.data.stream import ExampleStream, NextBatch
 from rlx.errors import RlxError
 from rlx.models import tiny
@@ -15,19 +14,11 @@ from rlx.rewards import Correctness, WeightedSum
 from rlx.rollout import sequence_logprobs
 from rlx.state import TrainState
 from rlx.tasks import run_training
-from tests.support import hook, losses, small_config
-
-SMALL = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64}
-TASK = ReasoningTask(num_train=16, num_validation=2, num_test=2)
-
-
-class Constant:
-    def __call__(self, responses, examples, task, lengths=None):
-        return torch.ones(len(responses))
+from tests.support import TASK, TINY, Alternating, Constant, hook, losses, small_config
 
 
 def setup(reward, **kwargs):
-    policy = tiny(**SMALL, device="cpu")
+    policy = tiny(**TINY, device="cpu")
     opt = torch.optim.SGD(policy.model.parameters(), lr=0.1)
     state = TrainState(policy.model, policy.tokenizer, opt, None, TASK)
     algo = GRPO(WeightedSum({"r": reward}, {"r": 1.0}), group_size=4, max_new_tokens=8, **kwargs)
@@ -42,11 +33,6 @@ def step(algo, state):
     return batch, loss, metrics
 
 
-class Alternating:
-    """Rewards 1, 0, 1, 0, ... so every group has a spread and a non-zero advantage."""
-
-    def __call__(self, responses, examples, task, lengths=None):
-        return torch.tensor([float(i % 2 == 0) for i in range(len(responses))])
 
 
 def test_one_step_changes_the_policy():
@@ -68,7 +54,7 @@ def test_equal_rewards_give_zero_advantage_and_zero_gradient():
 
 
 def test_kl_reference_is_frozen_and_zero_at_the_start():
-    reference = tiny(**SMALL, device="cpu")  # same seed as the policy: same weights
+    reference = tiny(**TINY, device="cpu")  # same seed as the policy: same weights
     algo, state = setup(Alternating(), kl_coef=0.1, reference=reference)
     ref_before = copy.deepcopy(reference.model.state_dict())
     _, _, metrics = step(algo, state)

@@ -11,9 +11,7 @@ from rlx.errors import RlxError
 from rlx.rewards import WeightedSum
 from rlx.rollout import Rollout
 from rlx.tasks import run_training
-from tests.algorithms.test_dler import loss_of
-from tests.algorithms.test_grpo import Alternating
-from tests.support import small_config
+from tests.support import Alternating, loss_of, small_config
 
 RHO = torch.tensor([0.25, 1.0, 0.5, 0.75])
 

@@ -22,8 +22,7 @@ from rlx.rewards import WeightedSum
 from rlx.rollout import sample
 from rlx.state import TrainState
 from rlx.tasks import run_training
-from tests.algorithms.test_grpo import Alternating
-from tests.support import hook, losses, small_config
+from tests.support import Alternating, hook, losses, small_config
 
 SMALL = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64}
 TASK = ReasoningTask(num_train=64, num_validation=2, num_test=2)
