@@ -3,14 +3,12 @@
 A benchmark declares its runs as data (name -> config overrides), measures them, and hands a
 `render(result) -> markdown` (and optionally a `plot(result)`) to `Bench.main`:
 
-    bench = Bench(__doc__, "## Domain pruning (bench_dpruner)", runs=RUNS)
+    RUNS = {"magnitude": ["method=magnitude"], "wanda": ["method=wanda"]}
+    bench = Bench(__doc__, "## Domain pruning (bench_dpruner)", runs=RUNS)  # -> results/bench_dpruner.json
 
-    def measure(args) -> dict:          # records after every run: nothing is lost if stopped
-        runs = bench.earlier().get("runs", [])
-        for name in args.runs:
-            runs = upsert(runs, {"run": name, ...}, "run")
-            result = bench.record(runs=runs)
-        return result
+    def measure(args) -> dict:  # sweep records after every run: nothing is lost if stopped
+        run = lambda name: {"run": name, **keep(compressed("prune", RUNS[name]), KEEP)}
+        return bench.sweep(run, args.runs, ("run",), bench.load().get("runs", []))
 
     if __name__ == "__main__":
         bench.main(measure, render, plot)
