@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 #   make install TORCH=torch          (PyPI's default Linux build includes CUDA)
 TORCH  ?= torch==2.13.0
 
-.PHONY: install test test-slow smoke base bench bench-quick bench-report bench-embedded bench-rollout bench-rl bench-rl-lift bench-pref bench-length bench-quant bench-robustness bench-optim bench-ptq bench-dpruner lint clean
+.PHONY: install test test-slow smoke base demo bench bench-quick bench-report bench-embedded bench-rollout bench-rl bench-rl-lift bench-pref bench-length bench-quant bench-robustness bench-optim bench-ptq bench-dpruner lint clean
 
 install:
 	python3 -m venv $(VENV)
@@ -33,6 +33,11 @@ smoke:
 # The SFT base model that RL runs start from (model=tiny_sft): the default run, cached.
 base:
 	$(PY) -m rlx.base
+
+# A first tour on a CPU (about 15 minutes on 2 cores): SFT base, DLER vs GRPO, BAQ vs GPTQ at 3 bits,
+# FRUGAL vs AdamW; writes outputs/demo/report.md with its plots.
+demo:
+	$(PY) scripts/demo.py
 
 # Every scripts/bench_*.py runs through rlx/benchmark.py and takes the same flags: --quick (a smoke test of
 # small settings, written under outputs/bench-quick/, never over docs/), --report (re-render its section of

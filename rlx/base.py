@@ -23,7 +23,7 @@ from filelock import FileLock, Timeout
 from rlx.errors import RlxError
 from rlx.paths import cache_dir
 
-MINUTES = "about 5 minutes on 2 CPU cores"  # 1,000 SFT steps of the 1.8M-parameter model (conf/train.yaml)
+MINUTES = "5-10 minutes on 2 CPU cores"  # 1,000 SFT steps of the 1.8M-parameter model (conf/train.yaml)
 
 
 def base_dir() -> Path:

@@ -16,8 +16,19 @@ from rlx.config import ALL_GROUPS, build, check_overrides, compose_config, group
 from rlx.errors import RlxError
 
 PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
-                  help="rlx: one training loop, Hydra config groups, hooks. Overrides are Hydra's: key=value.")
+START = """Start here (2 CPU cores; the first RL, preference or compression run builds the SFT base once, ~5 min):
+
+```
+rlx train algo=tppo trainer.max_steps=20   T-PPO from the SFT base: rewards, accuracy and answer length per step
+rlx quantize method=baq bits=3             BAQ at 3 bits: bits per layer, output error, accuracy after (~1 min)
+rlx train -m optimizer=adamw,frugal,fira   a Hydra sweep: one run per optimizer, a summary table at the end
+rlx train logger=wandb algo=dler           the same metrics on a wandb dashboard (offline unless you log in)
+```
+
+Overrides are Hydra's: key=value, group=option; `rlx ls` lists every config group's options."""
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode="markdown",
+                  help="rlx: one training loop, Hydra config groups, hooks.", epilog=START)
 config_app = typer.Typer(no_args_is_help=True, help="Inspect composed configs.")
 app.add_typer(config_app, name="config")
 

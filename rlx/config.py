@@ -80,7 +80,8 @@ def explain(e: Exception, name: str = "train", overrides: list[str] | None = Non
         return f"unknown {group} option {option!r}; valid: {', '.join(valid)}"
     text = str(e)
     m = re.search(r"Could not override '([^']+)'", text)
-    if m:
+    given = {o.split("=")[0].lstrip("+~") for o in overrides or []}
+    if m and m.group(1) in given:  # the user's key (not a config's own defaults list): say what keys there are
         key = m.group(1)
         parent, _, leaf = key.rpartition(".")
         base = compose_config(name, [o for o in overrides or [] if not o.split("=")[0].lstrip("+~").startswith(key)])

@@ -32,6 +32,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class Policy(NamedTuple):
     model: PreTrainedModel
     tokenizer: object
+    random_init: bool = False  # built from a config, never trained: it cannot do any task yet
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -118,7 +119,7 @@ def tiny(
     with torch.random.fork_rng(devices=[]):  # weights depend on `seed` only, not on the run's RNG
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
-    return _finish(model, tokenizer, device, dtype, lora, parameterization)
+    return _finish(model, tokenizer, device, dtype, lora, parameterization)._replace(random_init=True)
 
 
 def tiny_sft(device: str = "auto", dtype: str = "float32", lora: dict | None = None,

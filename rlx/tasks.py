@@ -37,8 +37,13 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict:
     task = build(cfg.data)
     algo = build(cfg.algo)
     if not isinstance(algo, Algorithm):
-        raise RlxError(f"algo {cfg.algo.get('_target_')} lacks a method of the algorithm contract "
-                       "(make_batch, loss, param_groups, state_dict, load_state_dict: rlx/algorithms/__init__.py)")
+        raise RlxError(f"algo {cfg.algo.get('_target_')} lacks a member of the algorithm contract "
+                       "(make_batch, loss, param_groups, state_dict, load_state_dict, needs_trained_model: "
+                       "rlx/algorithms/__init__.py)")
+    if policy.random_init and algo.needs_trained_model:
+        print(f"note: {cfg.model._target_} is a random init that cannot do the task yet, so {type(algo).__name__} "
+              "has nothing to refine: start from the SFT base with model=tiny_sft (built on first use)",
+              file=sys.stderr)
     # Named parameters (torch keeps the names in each group's `param_names`), so optimizers that
     # treat layers differently (FRUGAL keeps embeddings and norms state-full) can tell them apart.
     groups = [{"params": [(n, p) for n, p in policy.model.named_parameters() if p.requires_grad]},

@@ -40,9 +40,10 @@ SMALL = [
 
 
 def small_config(*overrides: str):
-    """SMALL plus `overrides`; choosing another group option (`model=hf`) drops SMALL's keys for that group."""
+    """SMALL plus `overrides` on `model=tiny` (which RL and preference algorithms would otherwise swap
+    for the SFT base); choosing another group option (`model=hf`) drops SMALL's keys for that group."""
     chosen = {o.split("=")[0] for o in overrides if "." not in o.split("=")[0]}
-    base = [o for o in SMALL if o.split(".")[0] not in chosen]
+    base = [o for o in ["model=tiny", *SMALL] if o.split(".")[0].split("=")[0] not in chosen]
     return compose_config("train", [*base, *overrides])
 
 

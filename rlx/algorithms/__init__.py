@@ -26,6 +26,11 @@ from torch import Tensor
 
 @runtime_checkable
 class Algorithm(Protocol):
+    # False for an objective that makes sense from a random init (SFT: pretraining). True for the
+    # rest (RL, preferences), which refine a model that can already do the task: a run of one on a
+    # random init gets a one-line note at its start.
+    needs_trained_model: bool
+
     def make_batch(self, examples, state) -> dict:
         """Tensors for one micro-batch (RL: run the rollout here). `examples` is the stream's next
         micro-batch (`NextBatch`), drawn only when indexed, so replaying a held rollout consumes no

@@ -78,6 +78,8 @@ def truncation_rewards(rewards: Tensor, correct: Tensor, lengths: Tensor, finish
 
 
 class DLER:
+    needs_trained_model = True
+
     def __init__(
         self,
         reward,

@@ -195,6 +195,8 @@ def kl_cov_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask
 
 
 class DOT:
+    needs_trained_model = True
+
     def __init__(
         self,
         reward,

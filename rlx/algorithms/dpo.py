@@ -77,6 +77,8 @@ def _pair_key(example: dict) -> tuple[str, str, str]:
 
 
 class DPO:
+    needs_trained_model = True
+
     def __init__(self, reference=None, beta: float = 0.1, loss_type: str = "sigmoid",
                  label_smoothing: float = 0.0, max_length: int = 256):
         if reference is None:

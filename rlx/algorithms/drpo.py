@@ -130,6 +130,8 @@ def drpo_loss(logprobs: Tensor, old_logprobs: Tensor, mask: Tensor, correct: Ten
 
 
 class DRPO:
+    needs_trained_model = True
+
     def __init__(
         self,
         reward,

@@ -60,6 +60,8 @@ from rlx.algorithms._sampling import Scored, sample_and_score
 
 
 class GRPO:
+    needs_trained_model = True
+
     def __init__(
         self,
         reward,

@@ -94,6 +94,8 @@ def kimi_length_reward(lengths: Tensor, correct: Tensor, alpha: float = 1.0) -> 
 
 
 class GRPOLambda:
+    needs_trained_model = True
+
     def __init__(
         self,
         reward,

@@ -48,6 +48,8 @@ from rlx.rollout import eval_mode, sequence_logprobs, sequence_logprobs_and_entr
 
 
 class PPO:
+    needs_trained_model = True
+
     def __init__(
         self,
         reward,

@@ -69,6 +69,8 @@ def sequence_reward(model, input_ids: Tensor, attention_mask: Tensor, reward_tok
 
 
 class RM:
+    needs_trained_model = True
+
     def __init__(self, max_length: int = 256, margin: float = 0.0, center_coef: float = 0.0):
         if max_length < 2:
             raise RlxError(f"algo.max_length={max_length} must be >= 2")

@@ -11,6 +11,8 @@ from rlx.data.collate import IGNORE, lm_batch, token_nll
 
 
 class SFT:
+    needs_trained_model = False
+
     def __init__(self, max_length: int = 256):
         self.max_length = max_length
 

@@ -137,6 +137,8 @@ def _trim(rollout: Rollout) -> Rollout:
 
 
 class TPPO:
+    needs_trained_model = True
+
     def __init__(
         self,
         reward,

@@ -151,4 +151,4 @@ def test_dpo_runs_in_the_loop(tmp_path):
 
 def test_dpo_on_data_without_pairs_is_one_clear_error(tmp_path):
     with pytest.raises(RlxError, match="add data=reasoning_pairs"):
-        run_training(small_config("algo=dpo", "trainer.max_steps=1"), tmp_path)
+        run_training(small_config("algo=dpo", "data=reasoning", "trainer.max_steps=1"), tmp_path)  # yours wins
