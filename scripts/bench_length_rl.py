@@ -1,11 +1,11 @@
 """The accuracy-length frontier of the efficient-reasoning RL methods on the embedded task.
 
-    make bench-length                                     # = python scripts/bench_length_rl.py; needs `make base`
+    make bench-length                                     # = python scripts/bench_length_rl.py; builds the SFT base on first use
     python scripts/bench_length_rl.py --runs grpo dler --seeds 0 1 2
     python scripts/bench_length_rl.py --runs ppo tppo     # the wall-clock comparison only
     python scripts/bench_length_rl.py --report            # re-render the tables and plots from the JSON
 
-Every run starts from the tiny SFT base (`make base`) with the same prompts per rollout, group
+Every run starts from the tiny SFT base (built on first use) with the same prompts per rollout, group
 size, learning rate, number of rollouts and seeds; only the method differs (METHODS below). After
 training, the final checkpoint answers the 256 validation problems 4 times each at the training
 temperature (T = 1, budget 128 tokens, fixed sampling seed), as the papers report pass@1 averaged

@@ -1,6 +1,6 @@
 """Preference learning on the embedded task: a reward model and DPO from the tiny SFT base.
 
-    python scripts/bench_pref.py                # needs the SFT base (`make base`); ~6 min on 2 CPU cores
+    python scripts/bench_pref.py                # needs the SFT base (built on first use); ~6 min on 2 CPU cores
     python scripts/bench_pref.py --report       # re-render the table from the JSON
 
 On the 256 held-out validation pairs of `data=reasoning_pairs` (a correct, concise trace against

@@ -8,7 +8,7 @@ bits, and magnitude and Wanda pruning at 50% and 2:4, on the embedded models.
 
 Three models: `tiny_lm`, the default tiny model pretrained on Shakespeare for 1,000 steps (built
 here once and cached), scored by validation perplexity on held-out text; `tiny_sft`, the SFT
-base (`make base`), scored by greedy accuracy on the reasoning task; and `smollm2`, the packaged
+base (built on first use), scored by greedy accuracy on the reasoning task; and `smollm2`, the packaged
 SmolLM2-135M-Instruct, calibrated on 16 Shakespeare chunks and scored by perplexity on 64 held-out
 ones. The tiny models calibrate on 128 training examples of their own data. Every attention/MLP
 linear layer is quantized per output row (no groups). Reported: the evaluation, the mean relative output error of the

@@ -5,7 +5,7 @@ GRPO / DPO on the same work, in one process (about 4 minutes on 2 quiet CPU core
     python scripts/bench_rl.py --quick          # 3 steps, 1 run each: a smoke test (outputs/bench-quick/)
     python scripts/bench_rl.py --report         # only rewrite the RESULTS.md section from the JSON
 
-Needs the tiny SFT base (`make base`) and TRL (`make install` puts it in the dev extras).
+Needs the tiny SFT base (built on first use) and TRL (`make install` puts it in the dev extras).
 
 The same work on both sides:
 * model   the tiny SFT base, loaded from its HF folder (TRL) or as `model=tiny_sft` (rlx), fp32, CPU;
@@ -43,6 +43,7 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # TRL and transformers must not try the hub
 os.environ.setdefault("WANDB_MODE", "disabled")
 
+from rlx.base import base_dir, ensure_base  # noqa: E402
 from rlx.benchmark import (  # noqa: E402
     Bench,
     interleaved,
@@ -53,9 +54,8 @@ from rlx.benchmark import (  # noqa: E402
     time_calls,
     trained,
 )
-from rlx.paths import cache_dir  # noqa: E402
 
-MODEL_DIR = cache_dir() / "models" / "tiny-sft"
+MODEL_DIR = base_dir()
 BETAS = (0.9, 0.95)  # conf/optimizer/adamw.yaml
 DPO_BETA = 0.1  # conf/algo/dpo.yaml
 
@@ -379,8 +379,7 @@ def quiet_libraries() -> None:
 def measure(args) -> dict:
     if args.steps < 2:
         bench.parser.error("--steps must be >= 2: the first step is a warm-up")
-    if not (MODEL_DIR / "config.json").exists():
-        raise SystemExit(f"no SFT base at {MODEL_DIR}: run `make base` first")
+    ensure_base()  # MODEL_DIR, built first if it is not cached
     import trl
 
     quiet_libraries()

@@ -1,6 +1,6 @@
 """Accuracy lift of online RL over the SFT base: `rlx train experiment=<algo>_tiny` for GRPO and PPO.
 
-    python scripts/bench_rl_lift.py                      # needs the SFT base (`make base`); ~15 min on 2 CPU cores
+    python scripts/bench_rl_lift.py                      # needs the SFT base (built on first use); ~15 min on 2 CPU cores
     python scripts/bench_rl_lift.py --runs grpo --steps 50 -- optimizer.lr=5e-5
 
 Each run starts from the cached tiny SFT base. The base and each run's final checkpoint answer

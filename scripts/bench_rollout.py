@@ -11,7 +11,7 @@ log-probs of the sampling policy.
 * hf   `model.generate(do_sample=True, ...)` and then one forward pass over prompt + response
        for the log-probs (`rlx.rollout.sequence_logprobs`), as TRL does it.
 
-The model is the tiny SFT base (`make base`) if cached, else the default random tiny model
+The model is the tiny SFT base (built on first use) if cached, else the default random tiny model
 (the speed is nearly the same; the lengths are not). The prompts are the first validation
 prompts of the reasoning task, each repeated `--samples` times as GRPO groups them. Tokens are
 the generated ones up to and including EOS. Runs are interleaved after one untimed warm-up of
