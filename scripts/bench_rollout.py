@@ -42,9 +42,9 @@ def load_model() -> tuple[torch.nn.Module, object, str]:
 
     path = cache_dir() / "models" / "tiny-sft"
     if (path / "config.json").exists():
-        model, tok = hf(str(path), dtype="float32", device="cpu")
+        model, tok = hf(str(path), dtype="float32", device="cpu")[:2]
         return model, tok, "tiny-sft"
-    model, tok = tiny(hidden_size=192, num_layers=4, num_heads=4, intermediate_size=512, device="cpu")
+    model, tok = tiny(hidden_size=192, num_layers=4, num_heads=4, intermediate_size=512, device="cpu")[:2]
     return model, tok, "tiny (random init)"
 
 

@@ -48,7 +48,7 @@ def test_sampled_answers_groups_each_problem():
     from rlx.evaluate import sampled_answers
     from rlx.models import tiny
 
-    model, tokenizer = tiny(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, device="cpu")
+    model, tokenizer, _ = tiny(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, device="cpu")
     task = ReasoningTask(max_terms=2)
     examples = task.split("validation")[:3]
     out = sampled_answers(model, tokenizer, task, examples, samples=2, max_new_tokens=4, batch_size=4)

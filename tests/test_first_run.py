@@ -53,7 +53,7 @@ def test_a_bad_override_inside_a_config_is_one_line(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_from_an_empty_cache_the_commands_we_are_known_by_do_real_work(tmp_path):
-    """Builds the SFT base (about 5 minutes on 2 CPU cores), then T-PPO and BAQ start from it."""
+    """Builds the SFT base (5-10 minutes on 2 CPU cores), then T-PPO, BAQ and DPO start from it."""
     env = {**os.environ, "RLX_CACHE": str(tmp_path / "cache")}
     rlx = [sys.executable, "-m", "rlx"]
     tppo = subprocess.run([*rlx, "train", "algo=tppo", "trainer.max_steps=2", "trainer.eval_samples=64",
@@ -64,5 +64,9 @@ def test_from_an_empty_cache_the_commands_we_are_known_by_do_real_work(tmp_path)
                          env=env, cwd=REPO_ROOT, capture_output=True, text=True)
     assert baq.returncode == 0, baq.stderr[-2000:]
     assert "building it once" not in baq.stderr  # cached by the first command
+    dpo = subprocess.run([*rlx, "train", "algo=dpo", "trainer.max_steps=2", "trainer.eval_samples=16",
+                          f"hydra.run.dir={tmp_path / 'dpo'}"], env=env, cwd=REPO_ROOT, capture_output=True, text=True)
+    assert dpo.returncode == 0, dpo.stderr[-2000:]  # no data= needed: DPO selects the preference pairs
+    assert json.loads((tmp_path / "dpo" / "summary.json").read_text())["dpo/reward_accuracy"] >= 0
     for run in ("tppo", "baq"):  # the trained base (or it quantized to 3 bits), not a random init at 0%
         assert json.loads((tmp_path / run / "summary.json").read_text())["eval/accuracy"] > 0.3, run
