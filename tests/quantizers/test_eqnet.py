@@ -234,6 +234,7 @@ def test_eqnet_runs_in_the_loop(algo, extra, tmp_path):
     summary = run_training(small_config("quantizer=eqnet", f"algo={algo}", *extra), tmp_path)
     assert summary["steps"] == 2
     assert summary["eqnet/kd"] >= 0 and summary["eqnet/wdr"] > 0 and 2 <= summary["eqnet/random_bits"] <= 8
+    assert summary["memory/hooks_MB"] > 0  # the hook's own Adam over the LSQ steps is counted
 
 
 def test_eqnet_resumes_exactly(tmp_path):
