@@ -34,7 +34,7 @@ smoke:
 base:
 	$(PY) -m rlx.base
 
-# A first tour on a CPU (about 15 minutes on 2 cores): SFT base, DLER vs GRPO, BAQ vs GPTQ at 3 bits,
+# A first tour on a CPU (8 minutes on 2 cores with the base cached, 5-10 more to build it): SFT base, DLER vs GRPO, BAQ vs GPTQ at 3 bits,
 # FRUGAL vs AdamW; writes outputs/demo/report.md with its plots.
 demo:
 	$(PY) scripts/demo.py
@@ -69,7 +69,7 @@ bench-rollout:
 bench-rl:
 	$(PY) scripts/bench_rl.py
 
-# Greedy accuracy lift of GRPO and PPO over the SFT base, paired per problem (about 15 minutes; needs `make base`).
+# Greedy accuracy lift of GRPO and PPO over the SFT base, paired per problem (about 15 minutes; builds the SFT base first if needed).
 bench-rl-lift:
 	$(PY) scripts/bench_rl_lift.py
 
