@@ -33,6 +33,15 @@ def test_the_users_model_and_data_win():
     assert compose_config("train").model._target_ == "rlx.models.tiny"  # SFT trains the tiny model from scratch
 
 
+@pytest.mark.parametrize("algo,lr,steps", [("tppo", 3e-5, 100), ("grpo", 3e-5, 100), ("dpo", 1e-5, 60), ("rm", 1e-4, 60)])
+def test_algorithms_bring_an_lr_that_keeps_the_base_and_yours_win(algo, lr, steps):
+    cfg = compose_config("train", [f"algo={algo}"])
+    assert (cfg.optimizer.lr, cfg.trainer.max_steps) == (lr, steps)  # not SFT's 3e-3 x 1000 steps
+    mine = compose_config("train", [f"algo={algo}", "optimizer.lr=1e-3", "trainer.max_steps=7", "optimizer=frugal"])
+    assert (mine.optimizer.lr, mine.trainer.max_steps, mine.optimizer._target_.split(".")[-1]) == (1e-3, 7, "GradientSplitting")
+    assert compose_config("train", ["algo=grpo", "experiment=ppo_tiny"]).trainer.micro_batch_size == 64  # recipes last
+
+
 def test_rl_on_a_random_init_says_so_once(tmp_path, capsys):
     run_training(small_config("algo=grpo", "algo.max_new_tokens=4", "trainer.max_steps=1"), tmp_path / "rl")
     err = capsys.readouterr().err
