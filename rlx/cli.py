@@ -19,9 +19,10 @@ PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
 START = """Start here (2 CPU cores; the first RL, preference or compression run builds the SFT base once, ~5 min):
 
 ```
-rlx train algo=tppo trainer.max_steps=20   T-PPO from the SFT base: rewards, accuracy and answer length per step
-rlx quantize method=baq bits=3             BAQ at 3 bits: bits per layer, output error, accuracy after (~1 min)
-rlx train -m optimizer=adamw,frugal,fira   a Hydra sweep: one run per optimizer, a summary table at the end
+rlx train algo=tppo                        T-PPO from the SFT base, 100 steps (~3.5 min): rewards, accuracy, lengths
+rlx quantize method=baq bits=3             BAQ at 3 bits (~15 s): bits per layer, output error, accuracy after
+rlx train -m optimizer=adamw,frugal,fira   a Hydra sweep, one run per optimizer, a table at the end
+                                           (add trainer.max_steps=200: ~2 min a job)
 rlx train logger=wandb algo=dler           the same metrics on a wandb dashboard (offline unless you log in)
 ```
 
