@@ -30,14 +30,15 @@ def base_dir() -> Path:
     return cache_dir() / "models" / "tiny-sft"
 
 
-def _ready(target: Path) -> bool:
-    return (target / "config.json").exists()
+def is_built(target: Path | None = None) -> bool:
+    """Whether the base (or the checkpoint folder `target`) is complete: its config is written last."""
+    return ((target or base_dir()) / "config.json").exists()
 
 
 def ensure_base(overrides: list[str] | tuple[str, ...] = ()) -> Path:
     """The cached SFT base, built first (once, under a lock) if it is not there yet."""
     target = base_dir()
-    if _ready(target):
+    if is_built(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(target) + ".lock")
@@ -47,12 +48,12 @@ def ensure_base(overrides: list[str] | tuple[str, ...] = ()) -> Path:
         print(f"rlx: another run is building the SFT base model at {target}; waiting for it", file=sys.stderr)
         lock.acquire()
     try:
-        if _ready(target):  # built by the run we waited for
+        if is_built(target):  # built by the run we waited for
             return target
         print(f"rlx: no SFT base model yet: building it once ({MINUTES}; `make base` does the same), "
               f"then caching it at {target}", file=sys.stderr, flush=True)
         done = subprocess.run([sys.executable, "-m", "rlx.base", *overrides])
-        if done.returncode != 0 or not _ready(target):
+        if done.returncode != 0 or not is_built(target):
             raise RlxError(f"building the SFT base model failed (exit {done.returncode}); `make base` shows why")
     finally:
         lock.release()

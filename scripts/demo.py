@@ -20,7 +20,7 @@ import argparse
 import time
 from pathlib import Path
 
-from rlx.base import base_dir, ensure_base
+from rlx.base import base_dir, ensure_base, is_built
 from rlx.compress.run import run_quantize
 from rlx.config import compose_config
 from rlx.plots import plot_runs, read_metrics
@@ -42,7 +42,7 @@ def fmt(x, spec=".3f") -> str:
 
 def part_base(out: Path) -> list[str]:
     t0 = time.perf_counter()
-    existed = (base_dir() / "config.json").exists()
+    existed = is_built()
     ensure_base()
     import json
 

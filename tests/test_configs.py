@@ -14,7 +14,7 @@ GSM8K = REPO_ROOT.parent / "shared" / "data" / "gsm8k"
 # Options that need what this machine may lack, and the overrides that supply it.
 NEEDS = {
     ("model", "hf"): None,  # a hub model: tests never reach a hub
-    ("model", "tiny_sft"): None,  # built by `make base`, minutes of training
+    ("model", "tiny_sft"): None,  # built on first use: minutes of training (tests/test_first_run.py, slow)
     ("data", "gsm8k"): [f"data.path={GSM8K}"] if GSM8K.is_dir() else None,
     ("reward", "rm"): None,
     ("reward", "length_penalty"): ["algo=grpo"],  # its budget is the RL algorithm's max_new_tokens  # a checkpoint trained with algo=rm: built end to end in tests/algorithms/test_rm.py
