@@ -30,7 +30,7 @@ bench = Bench(__doc__, "## Preference learning: reward model and DPO (bench_pref
 @torch.no_grad()
 def pair_scores(model, tokenizer, pairs: list[dict], kind: str) -> torch.Tensor:
     """[N, 2] (chosen, rejected): the RM's reward, or the summed log-likelihood of the response."""
-    from rlx.algorithms.dpo import response_logps
+    from rlx.algorithms._pairs import response_logps
     from rlx.algorithms.rm import sequence_reward
     from rlx.data.collate import lm_batch, pair_rows
 

@@ -33,11 +33,10 @@ cache is not checkpointed; a resumed run recomputes it.
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rlx.data.collate import IGNORE, lm_batch, pair_rows
+from rlx.algorithms._pairs import PairBatcher, policy_logps, reward_metrics
 from rlx.errors import RlxError
 
 LOSS_TYPES = ("sigmoid", "ipo")
@@ -63,19 +62,6 @@ def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_cho
     return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
 
 
-def response_logps(model, batch: dict) -> tuple[Tensor, Tensor]:
-    """Summed log-prob of each row's labelled tokens [N] and how many there are [N]."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    labels = batch["labels"][:, 1:]
-    mask = labels != IGNORE
-    logp = logits[:, :-1].float().log_softmax(-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (logp * mask).sum(-1), mask.sum(-1)
-
-
-def _pair_key(example: dict) -> tuple[str, str, str]:
-    return example["prompt"], example["chosen"], example["rejected"]
-
-
 class DPO:
     needs_trained_model = True
 
@@ -92,8 +78,7 @@ class DPO:
         if label_smoothing > 0 and loss_type != "sigmoid":
             raise RlxError("algo.label_smoothing (cDPO) applies to loss_type=sigmoid only")
         self.beta, self.loss_type, self.label_smoothing, self.max_length = beta, loss_type, label_smoothing, max_length
-        self.reference = reference.model.eval().requires_grad_(False)
-        self.ref_cache: dict[tuple[str, str, str], tuple[float, float]] = {}  # key -> (chosen, rejected) summed
+        self.pairs = PairBatcher(reference, max_length)
 
     def param_groups(self) -> list[dict]:
         return []  # the policy only
@@ -103,51 +88,17 @@ class DPO:
 
     def load_state_dict(self, state: dict) -> None: ...
 
-    # ------------------------------------------------------------------ batch
-
     def make_batch(self, examples: list[dict], state) -> dict:
-        batch = self._tokenize(examples, state.tokenizer, state.model.device)
-        ref = self._reference_logps(examples, state)
-        batch["ref_chosen_logps"], batch["ref_rejected_logps"] = ref.to(state.model.device).unbind(-1)
-        batch["num_targets"] = len(examples)  # the loss is a mean over pairs
-        batch["num_tokens"] = int((batch["labels"][:, 1:] != IGNORE).sum())  # chosen + rejected targets
-        return batch
-
-    def _tokenize(self, examples: list[dict], tokenizer, device) -> dict:
-        """Chosen rows then rejected rows, in one right-padded batch for a single forward."""
-        return {k: v.to(device) for k, v in lm_batch(pair_rows(examples), tokenizer, self.max_length).items()}
-
-    @torch.no_grad()
-    def _reference_logps(self, examples: list[dict], state) -> Tensor:
-        """[B, 2] summed reference log-probs (chosen, rejected), computed once per pair."""
-        keys = [_pair_key(ex) for ex in examples]
-        missing = list({key: ex for key, ex in zip(keys, examples) if key not in self.ref_cache}.items())  # deduped
-        if missing:
-            device = next(self.reference.parameters()).device
-            batch = self._tokenize([ex for _, ex in missing], state.tokenizer, device)
-            chosen, rejected = response_logps(self.reference, batch)[0].cpu().chunk(2)
-            for (key, _), c, r in zip(missing, chosen.tolist(), rejected.tolist()):
-                self.ref_cache[key] = (c, r)
-        return torch.tensor([self.ref_cache[key] for key in keys])
-
-    # ------------------------------------------------------------------ loss
+        return self.pairs.make_batch(examples, state)
 
     def loss(self, batch: dict, state):
-        logps, counts = response_logps(state.model, batch)
-        ref = torch.cat([batch["ref_chosen_logps"], batch["ref_rejected_logps"]])
+        chosen, rejected, chosen_counts, rejected_counts = policy_logps(state.model, batch)
+        ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
         if self.loss_type == "ipo":  # TRL: IPO compares per-token averages, not sums
-            counts = counts.clamp(min=1)
-            logps, ref = logps / counts, ref / counts
-        chosen, rejected = logps.chunk(2)
-        ref_chosen, ref_rejected = ref.chunk(2)
+            chosen_counts, rejected_counts = chosen_counts.clamp(min=1), rejected_counts.clamp(min=1)
+            chosen, ref_chosen = chosen / chosen_counts, ref_chosen / chosen_counts
+            rejected, ref_rejected = rejected / rejected_counts, ref_rejected / rejected_counts
         losses, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, self.beta,
                                                             self.loss_type, self.label_smoothing)
         loss = losses.mean()
-        margin = chosen_rewards - rejected_rewards
-        return loss, {
-            "train/loss": loss.detach(),
-            "dpo/reward_margin": margin.mean().item(),
-            "dpo/reward_accuracy": (margin > 0).float().mean().item(),
-            "dpo/chosen_reward": chosen_rewards.mean().item(),
-            "dpo/rejected_reward": rejected_rewards.mean().item(),
-        }
+        return loss, {"train/loss": loss.detach(), **reward_metrics("dpo", chosen_rewards, rejected_rewards)}

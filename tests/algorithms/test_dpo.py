@@ -134,10 +134,10 @@ def test_reference_log_probs_are_computed_once_per_pair():
     examples = TASK.split("train")
     first = algo.make_batch(examples[:4], state)
     again = algo.make_batch(examples[:4], state)  # a second epoch over the same pairs
-    assert len(calls) == 1 and len(algo.ref_cache) == 4
+    assert len(calls) == 1 and len(algo.pairs.cache) == 4
     assert torch.equal(first["ref_chosen_logps"], again["ref_chosen_logps"])
     algo.make_batch(examples[2:6], state)  # two cached, two new: one forward for the new ones
-    assert len(calls) == 2 and len(algo.ref_cache) == 6
+    assert len(calls) == 2 and len(algo.pairs.cache) == 6
 
 
 def test_dpo_runs_in_the_loop(tmp_path):

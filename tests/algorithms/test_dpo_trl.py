@@ -28,7 +28,8 @@ pytest.importorskip("trl")
 from trl.trainer.dpo_trainer import DataCollatorForPreference, DPOTrainer  # noqa: E402
 from trl.trainer.utils import add_fused_lm_head  # noqa: E402
 
-from rlx.algorithms.dpo import DPO, dpo_loss, response_logps  # noqa: E402
+from rlx.algorithms._pairs import response_logps  # noqa: E402
+from rlx.algorithms.dpo import DPO, dpo_loss  # noqa: E402
 from rlx.data.collate import lm_batch, pair_rows  # noqa: E402
 from rlx.data.preferences import ReasoningPairs  # noqa: E402
 from rlx.models import tiny  # noqa: E402
