@@ -48,6 +48,11 @@ Deviations, on purpose:
 * pi_t's log-probs are the policy's at the round's start in eval mode (no dropout), as the
   reference's; a round with no kept pair re-draws prompts up to `max_draws` times, then stops
   with an error;
+* a pair's responses are the sampled ones decoded to text and tokenised again as a DPO pair
+  (completion + EOS, `rlx.data.collate.lm_batch`), so a response cut off by max_new_tokens is
+  trained on as if it had ended there;
+* the round's prompts are drawn from the training stream as whole micro-batches; the rest of
+  the last one drawn is not used;
 * the number of optimizer steps per round is fixed (`round_steps`), not epochs over D_t.
 """
 from __future__ import annotations
