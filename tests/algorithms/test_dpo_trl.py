@@ -58,14 +58,15 @@ class _Accelerator:
         return x
 
 
-def trl_trainer(beta: float, loss_type: str, label_smoothing: float = 0.0, model=None, ref_model=None) -> DPOTrainer:
+def trl_trainer(beta: float, loss_type: str, label_smoothing: float = 0.0, model=None, ref_model=None,
+                discopop_tau: float = 0.05) -> DPOTrainer:
     """A DPOTrainer with only the state `_compute_loss` reads; no reference model means the inputs
     carry precomputed reference log-probs (TRL's `precompute_ref_log_probs`)."""
     trainer = DPOTrainer.__new__(DPOTrainer)  # skips __init__: no datasets, no accelerate setup
     attrs = dict(model=model, ref_model=ref_model, precompute_ref_logps=ref_model is None, beta=beta,
                  loss_types=[loss_type], loss_weights=[1.0], label_smoothing=label_smoothing, ld_alpha=None,
                  f_divergence_type="reverse_kl", use_weighting=False, aux_loss_enabled=False,
-                 accelerator=_Accelerator(), args=SimpleNamespace(gradient_checkpointing_kwargs=None),
+                 accelerator=_Accelerator(), args=SimpleNamespace(gradient_checkpointing_kwargs=None, discopop_tau=discopop_tau),
                  _metrics={"train": defaultdict(list), "eval": defaultdict(list)}, _total_train_tokens=0, _tp_size=1)
     for name, value in attrs.items():
         setattr(trainer, name, value)
@@ -120,23 +121,38 @@ def trl_inputs(pairs: dict, i: int, prompt_len: int = 5) -> tuple[dict, torch.Te
     return inputs, per_token
 
 
-def trl_per_pair(pairs: dict, beta: float, loss_type: str, label_smoothing: float = 0.0) -> dict:
+def trl_per_pair(pairs: dict, beta: float, loss_type: str, label_smoothing: float = 0.0, **kwargs) -> dict:
     """TRL's loss and rewards for each pair, one pair per call."""
     rows = []
     for i in range(len(pairs["lengths"]["chosen"])):
         inputs, per_token = trl_inputs(pairs, i)
-        rows.append(run_trl(trl_trainer(beta, loss_type, label_smoothing, model=_LogpsModel(per_token)), inputs))
+        trainer = trl_trainer(beta, loss_type, label_smoothing, model=_LogpsModel(per_token), **kwargs)
+        rows.append(run_trl(trainer, inputs))
     return {k: torch.stack([r[k].reshape(()) for r in rows]) for k in ("loss", "chosen_rewards", "rejected_rewards")}
 
 
-def rlx_losses(pairs: dict, beta: float, loss_type: str, label_smoothing: float = 0.0, per_token: bool = False):
+def trl_whole_batch(pairs: dict, beta: float, loss_type: str, label_smoothing: float = 0.0) -> dict:
+    """TRL's loss (the batch mean) and per-pair rewards with all pairs in one batch: TRL's collator
+    layout, every chosen row then every rejected row, padded to the longest."""
+    rows = [trl_inputs(pairs, i) for i in range(len(pairs["lengths"]["chosen"]))]
+    width = max(inputs["input_ids"].shape[1] for inputs, _ in rows)
+    pad = lambda x: torch.nn.functional.pad(x, (0, width - x.shape[1]))
+    side = lambda k, j: torch.cat([pad(inputs[k][j:j + 1]) for inputs, _ in rows])
+    per_token = torch.cat([torch.cat([pad(p[j:j + 1]) for _, p in rows]) for j in (0, 1)])
+    inputs = {k: torch.cat([side(k, 0), side(k, 1)]) for k in ("input_ids", "attention_mask", "completion_mask")}
+    inputs.update(ref_chosen_logps=pairs["logps"]["ref_chosen"], ref_rejected_logps=pairs["logps"]["ref_rejected"])
+    return run_trl(trl_trainer(beta, loss_type, label_smoothing, model=_LogpsModel(per_token)), inputs)
+
+
+def rlx_losses(pairs: dict, beta: float, loss_type: str, label_smoothing: float = 0.0, per_token: bool = False,
+               **kwargs):
     logps = pairs["logps"]
     n = {"chosen": 1, "rejected": 1}
     if per_token:  # what rlx's DPO.loss hands dpo_loss for IPO: per-token averages
         n = {k: pairs["lengths"][k].double() for k in n}
     return dpo_loss(logps["chosen"] / n["chosen"], logps["rejected"] / n["rejected"],
                     logps["ref_chosen"] / n["chosen"], logps["ref_rejected"] / n["rejected"],
-                    beta, loss_type, label_smoothing)
+                    beta, loss_type, label_smoothing, **kwargs)
 
 
 @pytest.mark.parametrize("beta", BETAS)
@@ -173,6 +189,58 @@ def test_ipo_matches_trl(beta):
     torch.testing.assert_close(rejected * pairs["lengths"]["rejected"], trl["rejected_rewards"], atol=ATOL, rtol=0)
 
 
+# Each remaining pairwise loss, with the settings it reads: (loss_type, label_smoothing, extra settings)
+PAIRWISE = [("hinge", 0.0, {}), ("nca_pair", 0.0, {}), ("bco_pair", 0.0, {}), ("sppo_hard", 0.0, {}),
+            ("apo_zero", 0.0, {}), ("apo_down", 0.0, {}), ("discopop", 0.0, {}),
+            ("discopop", 0.0, {"discopop_tau": 1.0}), ("robust", 0.0, {}), ("robust", 0.1, {}),
+            ("robust", 0.3, {}), ("exo_pair", 1e-3, {}), ("exo_pair", 0.1, {})]
+
+
+@pytest.mark.parametrize("loss_type,label_smoothing,extra", PAIRWISE,
+                         ids=[f"{t}-{e}-{'-'.join(map(str, x.values()))}" for t, e, x in PAIRWISE])
+@pytest.mark.parametrize("beta", BETAS)
+def test_pairwise_losses_match_trl(beta, loss_type, label_smoothing, extra):
+    pairs = random_pairs(seed=3)
+    losses, chosen, rejected = rlx_losses(pairs, beta, loss_type, label_smoothing, **extra)
+    trl = trl_per_pair(pairs, beta, loss_type, label_smoothing, **extra)
+    torch.testing.assert_close(losses, trl["loss"], atol=ATOL, rtol=0)
+    torch.testing.assert_close(chosen, trl["chosen_rewards"], atol=ATOL, rtol=0)
+    torch.testing.assert_close(rejected, trl["rejected_rewards"], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("beta", BETAS)
+def test_sigmoid_norm_matches_trl(beta):
+    pairs = random_pairs(seed=4)
+    losses, chosen, rejected = rlx_losses(pairs, beta, "sigmoid_norm", per_token=True)
+    trl = trl_per_pair(pairs, beta, "sigmoid_norm")
+    torch.testing.assert_close(losses, trl["loss"], atol=ATOL, rtol=0)
+    # as for IPO, TRL's logged rewards are the summed ones
+    torch.testing.assert_close(chosen * pairs["lengths"]["chosen"], trl["chosen_rewards"], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("loss_type", ["aot", "aot_unpaired"])
+@pytest.mark.parametrize("beta", BETAS)
+def test_aot_matches_trl_on_a_batch(beta, loss_type, label_smoothing):
+    """AOT sorts across the batch, so it is compared with all 8 pairs in one TRL batch."""
+    pairs = random_pairs(seed=5)
+    losses, chosen, rejected = rlx_losses(pairs, beta, loss_type, label_smoothing)
+    trl = trl_whole_batch(pairs, beta, loss_type, label_smoothing)
+    torch.testing.assert_close(losses.mean(), trl["loss"], atol=ATOL, rtol=0)
+    torch.testing.assert_close(chosen, trl["chosen_rewards"], atol=ATOL, rtol=0)
+    torch.testing.assert_close(rejected, trl["rejected_rewards"], atol=ATOL, rtol=0)
+    # the sort matters on this batch: pair by pair (no sort) the loss is another number
+    unsorted = rlx_losses(pairs, beta, "sigmoid", label_smoothing)[0].mean()
+    assert abs(unsorted.item() - trl["loss"].item()) > 1e-3
+
+
+def test_whole_batch_layout_matches_one_pair_at_a_time():
+    """The batched TRL inputs are right: on a per-pair loss they give the mean of the one-pair calls."""
+    pairs = random_pairs(seed=6)
+    torch.testing.assert_close(trl_whole_batch(pairs, 0.1, "ipo")["loss"], trl_per_pair(pairs, 0.1, "ipo")["loss"].mean(),
+                               atol=ATOL, rtol=0)
+
+
 # ---------------------------------------------------------------------------- a real model
 
 
@@ -192,7 +260,7 @@ def fused(model):
     return model
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "aot"])
 def test_tiny_model_end_to_end_matches_trl(loss_type):
     """rlx's tokenisation, log-prob gathering and loss against TRL's collator, fused head and loss,
     on a random tiny Llama in float32 (rlx's `response_logps` takes the log-softmax in float32
@@ -212,7 +280,7 @@ def test_tiny_model_end_to_end_matches_trl(loss_type):
     # float32 sums over a few hundred tokens: equal up to the last bit or so, hence relative
     torch.testing.assert_close(logps, torch.cat([trl["chosen_logps"], trl["rejected_logps"]]), atol=0, rtol=1e-6)
     torch.testing.assert_close(loss, trl["loss"], atol=ATOL, rtol=0)
-    if loss_type == "sigmoid":  # IPO's logged rewards differ by design (see test_ipo_matches_trl)
+    if loss_type not in ("ipo", "sigmoid_norm"):  # their logged rewards differ by design (see test_ipo_matches_trl)
         # beta * (logp - ref logp) inherits the float32 rounding of log-probs near -500 (a few 1e-5)
         assert metrics["dpo/chosen_reward"] == pytest.approx(trl["chosen_rewards"].mean().item(), abs=10 * ATOL)
         assert metrics["dpo/reward_margin"] == pytest.approx(trl["margins"].mean().item(), abs=10 * ATOL)
