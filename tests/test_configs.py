@@ -16,8 +16,10 @@ NEEDS = {
     ("model", "hf"): None,  # a hub model: tests never reach a hub
     ("model", "tiny_sft"): None,  # built on first use: minutes of training (tests/test_first_run.py, slow)
     ("data", "gsm8k"): [f"data.path={GSM8K}"] if GSM8K.is_dir() else None,
-    ("reward", "rm"): None,
-    ("reward", "length_penalty"): ["algo=grpo"],  # its budget is the RL algorithm's max_new_tokens  # a checkpoint trained with algo=rm: built end to end in tests/algorithms/test_rm.py
+    ("reward", "rm"): None,  # a checkpoint trained with algo=rm: built end to end in tests/algorithms/test_rm.py
+    ("algo", "madpo"): None,  # the same (its reward model): built end to end in tests/algorithms/test_madpo.py
+    ("algo", "smpo"): None,  # the same: tests/algorithms/test_smpo.py
+    ("reward", "length_penalty"): ["algo=grpo"],  # its budget is the RL algorithm's max_new_tokens
 }
 CASES = [(g, o) for g in GROUPS for o in group_options(g)]
 
