@@ -31,13 +31,20 @@ def lm_batch(examples: list[dict], tokenizer, max_length: int) -> dict:
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def pair_rows(examples: list[dict]) -> list[dict]:
+def pair_rows(examples: list[dict], ties: bool = False) -> list[dict]:
     """Preference pairs as `lm_batch` rows: every chosen response, then every rejected one, so a
-    single forward scores both sides and `.chunk(2)` splits them again."""
+    single forward scores both sides and `.chunk(2)` splits them again. A pair whose sides come
+    from different prompts (SoliReward's cross-prompt pairs) names the rejected side's own in
+    "prompt_rejected". Tie pairs ("tie": true) are refused unless `ties`: an objective that reads
+    every pair as "chosen beats rejected" would learn noise from them."""
     if examples and not {"chosen", "rejected"} <= set(examples[0]):
         raise RlxError("this algorithm trains on preference pairs (prompt, chosen, rejected), and the data has "
                        f"fields {sorted(examples[0])}: add data=reasoning_pairs")
-    return [{"prompt": ex["prompt"], "completion": ex[side]} for side in ("chosen", "rejected") for ex in examples]
+    if not ties and any(ex.get("tie") for ex in examples):
+        raise RlxError("the pairs include ties (data.ties > 0), which only algo=rm algo.loss=bt_ties trains on: "
+                       "set data.ties=0")
+    return [{"prompt": ex.get(f"prompt_{side}", ex["prompt"]), "completion": ex[side]}
+            for side in ("chosen", "rejected") for ex in examples]
 
 
 def prompt_batch(prompts: list[str], tokenizer, device) -> dict:

@@ -152,3 +152,17 @@ def test_rm_trains_in_the_loop_and_scores_as_a_reward(tmp_path):
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(RlxError, match="does not exist"):
         RewardModel(checkpoint=str(tmp_path / "nope"))
+
+
+def test_plain_bt_skips_tie_pairs():
+    # loss=bt on data with ties: the loss and num_targets are those of the win pairs alone
+    tied = ReasoningPairs(ties=0.5, num_train=16, num_validation=2, num_test=2).split("train")
+    examples = [ex for ex in tied if not ex["tie"]][:3] + [ex for ex in tied if ex["tie"]][:2]
+    algo, state = setup()
+    with torch.no_grad():
+        batch = algo.make_batch(examples, state)
+        assert batch["num_targets"] == 3 and batch["tie"].tolist() == [False] * 3 + [True] * 2
+        loss, metrics = algo.loss(batch, state)
+        wins_only, _ = algo.loss(algo.make_batch(examples[:3], state), state)
+    assert loss.item() == pytest.approx(wins_only.item(), abs=1e-6)
+    assert "rm/tie_gap" not in metrics and RM(loss="bt_ties").make_batch(examples, state)["num_targets"] == 5

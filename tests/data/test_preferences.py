@@ -75,3 +75,88 @@ def test_gsm_symbolic_gets_wrong_answer_pairs():
 def test_unknown_kind_is_one_clear_error():
     with pytest.raises(RlxError, match="not all known"):
         ReasoningPairs(kinds=("shorter",))
+
+
+# ---------------------------------------------------------------------------- SoliReward's ties
+
+TIED = ReasoningPairs(ties=0.25, **SIZES)
+
+
+def test_no_ties_is_the_old_data_byte_for_byte():
+    # sha256 of the JSON of every split, written by the pairs code before ties existed
+    import hashlib
+    import json
+
+    def digest(pairs):
+        return hashlib.sha256(json.dumps({s: pairs.split(s) for s in ("train", "validation", "test")}).encode()).hexdigest()
+
+    assert digest(MIXED) == "83a9fcab94277b29ac2c4f6bb769b63c089c9b5d2aa6281a8976113b455fd7d7"
+    assert digest(ReasoningPairs(ties=0.0, **SIZES)) == "ad00f5df28ee4d616d769ed1561a1debed113df424360cd3b50ee7a3a1b02904"
+
+
+def test_ties_come_in_the_requested_share_after_the_same_win_pairs():
+    plain = ReasoningPairs(**SIZES).split("train")
+    pairs = TIED.split("train")
+    ties = [ex for ex in pairs if ex["tie"]]
+    # 64 problems -> n win pairs; round(0.25 / 0.75 * n) ties, so a quarter of all pairs
+    assert len(ties) == round(len(plain) / 3) and abs(len(ties) / len(pairs) - 0.25) < 1 / len(pairs)
+    wins = [{k: v for k, v in ex.items() if k not in ("tie", "prompt_rejected", "chosen_pass", "rejected_pass")}
+            for ex in pairs if not ex["tie"]]
+    assert wins == plain  # the win pairs are untouched
+    assert all(not ex["tie"] and ex["chosen_pass"] and not ex["rejected_pass"] for ex in pairs[:len(plain)])
+
+
+def test_a_tie_pairs_two_correct_traces_of_equal_steps_from_two_problems():
+    by_prompt = {ex["prompt"]: ex for ex in ReasoningPairs(**SIZES).split("train")}
+    for ex in (ex for ex in TIED.split("train") if ex["tie"]):
+        assert ex["prompt"] != ex["prompt_rejected"] and ex["chosen"] != ex["rejected"]  # never itself
+        assert ex["chosen_pass"] and ex["rejected_pass"] and ex["kind"] == "tie"
+        first, second = by_prompt[ex["prompt"]], by_prompt[ex["prompt_rejected"]]
+        # each side is its own problem's correct trace, by the task's checker
+        assert TIED.score(ex["chosen"], first) == 1.0 and TIED.score(ex["rejected"], second) == 1.0
+        # same number of steps: chain_sum with k terms has k - 1 steps, one line each
+        assert first["prompt"].count(" ") == second["prompt"].count(" ")
+        assert len(ex["chosen"].splitlines()) == len(ex["rejected"].splitlines())
+
+
+def test_fail_fail_ties_pair_two_wrong_traces():
+    pairs = ReasoningPairs(ties=0.5, fail_fail_ties=True, **SIZES)
+    by_prompt = {ex["prompt"]: ex for ex in ReasoningPairs(**SIZES).split("train")}
+    fails = [ex for ex in pairs.split("train") if ex["tie"] and not ex["chosen_pass"]]
+    assert fails
+    for ex in fails:
+        assert not ex["rejected_pass"] and ex["prompt"] != ex["prompt_rejected"]
+        assert pairs.score(ex["chosen"], by_prompt[ex["prompt"]]) == 0.0
+        assert pairs.score(ex["rejected"], by_prompt[ex["prompt_rejected"]]) == 0.0
+
+
+def test_cross_prompt_win_pairs_keep_each_sides_prompt():
+    pairs = ReasoningPairs(cross_prompt=True, **SIZES)
+    by_prompt = {ex["prompt"]: ex for ex in ReasoningPairs(**SIZES).split("train")}
+    wrong = [ex for ex in pairs.split("train") if ex["kind"] == "wrong"]
+    moved = [ex for ex in wrong if ex["prompt_rejected"] != ex["prompt"]]
+    assert len(moved) > len(wrong) / 2
+    for ex in moved:
+        other = by_prompt[ex["prompt_rejected"]]
+        assert ex["rejected"] == other["rejected"]  # the other problem's own slipped trace
+        assert pairs.score(ex["rejected"], other) == 0.0 and pairs.score(ex["chosen"], ex) == 1.0
+        assert len(ex["rejected"].splitlines()) == len(ex["chosen"].splitlines())
+    # each fail item is used once
+    assert sorted(ex["rejected"] for ex in wrong) == sorted(by_prompt[ex["prompt"]]["rejected"] for ex in wrong)
+
+
+def test_dpo_style_consumers_refuse_ties():
+    from rlx.data.collate import pair_rows
+
+    tie = next(ex for ex in TIED.split("train") if ex["tie"])
+    with pytest.raises(RlxError, match="ties"):
+        pair_rows([tie])
+    rows = pair_rows([tie], ties=True)
+    assert rows[0]["prompt"] == tie["prompt"] and rows[1]["prompt"] == tie["prompt_rejected"]
+
+
+def test_bad_tie_settings_are_clear_errors():
+    with pytest.raises(RlxError, match=r"\[0, 1\)"):
+        ReasoningPairs(ties=1.0)
+    with pytest.raises(RlxError, match="wrong"):
+        ReasoningPairs(kinds=("long",), cross_prompt=True)
