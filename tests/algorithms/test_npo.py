@@ -52,3 +52,93 @@ def test_forget_and_retain_are_disjoint_families():
     assert all(ex["prompt"].count(" ") == 7 for ex in forget)  # "a + b - c + d =\n": 4 terms, 3 operators
     paired = data.split("train")
     assert all(ex["retain"]["num_terms"] != 4 and ex["prompt"] == ex["forget"]["prompt"] for ex in paired)
+
+
+# ---------------------------------------------------------------------------- through a model
+
+SMALL = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64}
+DATA = ReasoningUnlearn(num_train=200, num_validation=20, num_test=20)
+
+
+def setup(**kwargs):
+    from rlx.algorithms.npo import NPO
+    from rlx.models import tiny
+    from rlx.state import TrainState
+
+    policy, reference = tiny(**SMALL, device="cpu"), tiny(**SMALL, device="cpu")  # same seed: same weights
+    state = TrainState(policy.model, policy.tokenizer, torch.optim.SGD(policy.model.parameters(), lr=0.5), None, DATA)
+    return NPO(reference, **kwargs), state
+
+
+def grads(model) -> list[torch.Tensor]:
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def summed_logps(model, rows, tokenizer) -> torch.Tensor:
+    """The summed answer log-probs through rlx's pair code (not NPO's own gather)."""
+    from rlx.algorithms._pairs import response_logps
+    from rlx.data.collate import lm_batch
+
+    return response_logps(model, lm_batch(rows, tokenizer, 256))
+
+
+def test_first_step_gradient_is_gradient_ascent_on_the_summed_nll():
+    # At pi = pi_ref, u = 0 and NPO's weight 2 sigma(0) = 1: its gradient is GA's, the mean over forget
+    # examples of grad log pi(y|x), the summed log-likelihood (here computed by another code path).
+    algo, state = setup(retain="none")
+    examples = DATA.split("train")[:4]
+    loss, metrics = algo.loss(algo.make_batch(examples, state), state)
+    assert loss.item() == pytest.approx(20 * math.log(2), abs=1e-4) and metrics["npo/weight"] == pytest.approx(1.0)
+    loss.backward()
+    npo = grads(state.model)
+    state.model.zero_grad()
+    summed_logps(state.model, [ex["forget"] for ex in examples], state.tokenizer)[0].mean().backward()
+    for a, b in zip(npo, grads(state.model)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_retain_terms_by_another_path():
+    examples = DATA.split("train")[:4]
+    retain = [ex["retain"] for ex in examples]
+    algo, state = setup(retain="nll", forget_coef=0.0)
+    nll, _ = algo.loss(algo.make_batch(examples, state), state)
+    logps, counts = summed_logps(state.model, retain, state.tokenizer)
+    assert nll.item() == pytest.approx((-logps / counts).mean().item(), abs=1e-5)  # per-example token-mean NLL
+    algo, state = setup(retain="kl", forget_coef=0.0)
+    kl, _ = algo.loss(algo.make_batch(examples, state), state)
+    assert kl.item() == pytest.approx(0.0, abs=1e-6)  # pi = pi_ref: no divergence yet
+
+
+def test_npo_raises_the_forget_nll_and_its_weight_falls():
+    algo, state = setup(retain="none")
+    batch = algo.make_batch(DATA.split("train")[:4], state)
+    for _ in range(5):
+        state.optimizer.zero_grad()
+        loss, metrics = algo.loss(batch, state)
+        loss.backward()
+        state.optimizer.step()
+    _, metrics = algo.loss(batch, state)
+    assert metrics["npo/log_ratio"] < 0 and metrics["npo/weight"] < 1.0  # forgetting slows itself down
+
+
+def test_bad_settings_and_data_are_one_line_errors():
+    from rlx.algorithms.npo import NPO
+    from rlx.errors import RlxError
+    from rlx.models import tiny
+
+    reference = tiny(**SMALL, device="cpu")
+    for kwargs in ({"loss": "dpo"}, {"retain": "all"}, {"beta": 0.0}, {"retain_coef": -1.0}):
+        with pytest.raises(RlxError):
+            NPO(reference, **kwargs)
+    with pytest.raises(RlxError, match="reasoning_unlearn"):
+        algo, state = setup()
+        algo.make_batch([{"prompt": "1 + 2 =\n", "completion": "#### 3"}], state)
+
+
+@pytest.mark.parametrize("variant", [[], ["algo.loss=ga", "algo.retain=kl"]])
+def test_runs_in_the_loop(variant, tmp_path):
+    from rlx.tasks import run_training
+    from tests.support import small_config
+
+    summary = run_training(small_config("algo=npo", "data=reasoning_unlearn", *variant), tmp_path)
+    assert summary["steps"] == 2 and math.isfinite(summary["train/loss"])
