@@ -154,8 +154,6 @@ class DPO:
     def __init__(self, reference=None, beta: float = 0.1, loss_type: str = "sigmoid",
                  label_smoothing: float = 0.0, max_length: int = 256, discopop_tau: float = 0.05,
                  bco_running_mean: bool = False):
-        if reference is None:
-            raise RlxError("DPO needs a frozen reference model: set algo.reference='${model}' (conf/algo/dpo.yaml does)")
         if loss_type not in LOSS_TYPES:
             raise RlxError(f"unknown algo.loss_type={loss_type!r}; valid: {', '.join(LOSS_TYPES)}")
         if beta <= 0:

@@ -103,8 +103,6 @@ class INPO:
                  round_prompts: int = 64, num_samples: int = 8, max_new_tokens: int = 64, temperature: float = 1.0,
                  top_p: float = 1.0, tie_break: str = "length", logps: str = "sum", max_draws: int = 4,
                  max_length: int = 256, seed: int = 0):
-        if reference is None:
-            raise RlxError("INPO needs a frozen reference model: set algo.reference='${model}' (conf/algo/inpo.yaml does)")
         if eta <= 0:
             raise RlxError(f"algo.eta={eta} must be > 0")
         if not 0 <= tau <= eta:

@@ -65,9 +65,6 @@ class MADPO:
     def __init__(self, reference=None, reward_model=None, beta: float = 0.1, c_max: float = 2.0,
                  c_min: float = 0.5, lam: float = 1.0, tau: float = math.log(999), weight: str = "margin",
                  max_length: int = 256):
-        if reference is None:
-            raise RlxError("MADPO needs a frozen reference model: set algo.reference='${model}' "
-                           "(conf/algo/madpo.yaml does)")
         if weight not in WEIGHTS:
             raise RlxError(f"unknown algo.weight={weight!r}; valid: {', '.join(WEIGHTS)}")
         if beta <= 0:

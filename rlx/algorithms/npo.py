@@ -115,8 +115,6 @@ class NPO:
 
     def __init__(self, reference=None, beta: float = 0.1, loss: str = "npo", retain: str = "nll",
                  forget_coef: float = 1.0, retain_coef: float = 1.0, max_length: int = 256):
-        if reference is None:
-            raise RlxError("NPO needs a frozen reference model: set algo.reference='${model}' (conf/algo/npo.yaml does)")
         if loss not in LOSSES:
             raise RlxError(f"unknown algo.loss={loss!r}; valid: {', '.join(LOSSES)}")
         if retain not in RETAINS:

@@ -63,8 +63,6 @@ class RPO:
 
     def __init__(self, reference=None, beta: float = 0.1, eta: float = 0.005, nll_reduction: str = "sum",
                  max_length: int = 256):
-        if reference is None:
-            raise RlxError("RPO needs a frozen reference model: set algo.reference='${model}' (conf/algo/rpo.yaml does)")
         if nll_reduction not in REDUCTIONS:
             raise RlxError(f"unknown algo.nll_reduction={nll_reduction!r}; valid: {', '.join(REDUCTIONS)}")
         if beta <= 0:

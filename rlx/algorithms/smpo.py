@@ -72,9 +72,6 @@ class SmPO:
 
     def __init__(self, reference=None, reward_model=None, beta: float = 0.1, gamma: float = 1.0, k: float = 1.0,
                  tau_rm: float = 1.0, relabel: bool = False, max_length: int = 256):
-        if reference is None:
-            raise RlxError("SmPO needs a frozen reference model: set algo.reference='${model}' "
-                           "(conf/algo/smpo.yaml does)")
         if beta <= 0 or k <= 0 or tau_rm <= 0:
             raise RlxError(f"algo.beta={beta}, algo.k={k} and algo.tau_rm={tau_rm} must be > 0")
         if not 0 < gamma <= 2:

@@ -188,9 +188,6 @@ class SparsePO:
                  l1_reward: float = 0.0, l1_kl: float = 0.0, mask_dropout: float = 0.01,
                  mask_weight_decay: float = 0.01, mask_lr: float | None = None, mask_seed: int = 0,
                  max_length: int = 256):
-        if reference is None:
-            raise RlxError("SparsePO needs a frozen reference model: set algo.reference='${model}' "
-                           "(conf/algo/sparsepo.yaml does)")
         if mask not in MASKS:
             raise RlxError(f"unknown algo.mask={mask!r}; valid: {', '.join(MASKS)}")
         if kl_without_mask not in KL_WITHOUT_MASK:
