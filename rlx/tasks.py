@@ -35,7 +35,12 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict:
     t_start = time.perf_counter()
     policy = build(cfg.model)
     task = build(cfg.data)
+    if cfg.get("weighting") and "weighting" not in cfg.algo:
+        raise RlxError(f"weighting={cfg.weighting.get('_target_', '?').rsplit('.', 1)[-1]} weighs the samples of "
+                       "algo=sft; it has no meaning for this algorithm")
     algo = build(cfg.algo)
+    if cfg.get("regularizer"):  # wraps the algorithm: same batches, a regularized loss
+        algo = build(cfg.regularizer, algo=algo)
     if not isinstance(algo, Algorithm):
         raise RlxError(f"algo {cfg.algo.get('_target_')} lacks a member of the algorithm contract "
                        "(make_batch, loss, param_groups, state_dict, load_state_dict, needs_trained_model: "
