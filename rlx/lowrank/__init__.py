@@ -24,9 +24,10 @@ from rlx.errors import RlxError
 
 
 def _surgeries() -> dict:
+    from rlx.compander import apply_compander
     from rlx.lowrank.lost import apply_lost  # imported here: lost.py imports this package
 
-    return {"lost": apply_lost}
+    return {"lost": apply_lost, "compander": apply_compander}
 
 
 def parse_spec(spec) -> tuple[str, dict]:
