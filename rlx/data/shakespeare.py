@@ -9,6 +9,10 @@ Gutenberg header or footer, so they are used as they are. Run `python -m rlx.dat
 
 Each text is split by position (start: train, middle: validation, end: test), so no passage
 is in two splits, then each split is cut into equal, non-overlapping chunks.
+
+`train_chars` caps the training text for data-constrained runs (conf/experiment/infinite_compute_*.yaml):
+whole chunks, taken at evenly spaced positions over the training split so that every text
+contributes; validation and test are unchanged, so losses stay comparable across budgets.
 """
 import os
 import shutil
@@ -74,6 +78,13 @@ def chunks(text: str, size: int) -> list[str]:
     return [text[i : i + size] for i in range(0, len(text) - size + 1, size)]
 
 
+def spread(items: list, n: int) -> list:
+    """`n` of `items` at evenly spaced positions (all of them where there are no more than `n`)."""
+    if n >= len(items):
+        return list(items)
+    return [items[i * len(items) // n] for i in range(n)]
+
+
 class Shakespeare:
     """A text corpus: examples are {"text": chunk}; evaluated by perplexity, never scored."""
 
@@ -85,11 +96,14 @@ class Shakespeare:
         validation_fraction: float = 0.05,
         test_fraction: float = 0.05,
         cache: str | None = None,
+        train_chars: int | None = None,
     ):
         if chunk_chars < 1:
             raise RlxError(f"chunk_chars={chunk_chars} must be >= 1")
         if min(validation_fraction, test_fraction) < 0 or validation_fraction + test_fraction >= 1:
             raise RlxError("validation_fraction and test_fraction must be >= 0 and sum to less than 1")
+        if train_chars is not None and train_chars < chunk_chars:
+            raise RlxError(f"train_chars={train_chars} must be at least one chunk (chunk_chars={chunk_chars}), or null")
         folder = Path(cache).expanduser() if cache is not None else default_cache()
         files = text_files(folder)
         if not files:
@@ -103,6 +117,8 @@ class Shakespeare:
                 parts[name].append(piece)
         # Joining a split's pieces before chunking loses one short tail per split, not one per text.
         self._splits = {name: [{"text": c} for c in chunks("\n\n".join(p), chunk_chars)] for name, p in parts.items()}
+        if train_chars is not None:
+            self._splits["train"] = spread(self._splits["train"], train_chars // chunk_chars)
 
     def split(self, name: str) -> list[dict]:
         return self._splits[check_split(name)]
