@@ -19,6 +19,7 @@ NEEDS = {
     ("reward", "rm"): None,  # a checkpoint trained with algo=rm: built end to end in tests/algorithms/test_rm.py
     ("algo", "madpo"): None,  # the same (its reward model): built end to end in tests/algorithms/test_madpo.py
     ("algo", "smpo"): None,  # the same: tests/algorithms/test_smpo.py
+    ("algo", "distill"): None,  # trained teacher checkpoints: built end to end in tests/algorithms/test_distill.py
     ("reward", "length_penalty"): ["algo=grpo"],  # its budget is the RL algorithm's max_new_tokens
 }
 CASES = [(g, o) for g in GROUPS for o in group_options(g)]
@@ -57,6 +58,8 @@ def test_every_option_builds(group, option, tmp_path: Path):
     elif group == "model":
         obj = build(node)
         assert obj.model.config.vocab_size >= len(obj.tokenizer)
+    elif group == "regularizer":  # a wrapper: the run builds it around the algorithm
+        obj = build(node, algo=build(cfg.algo))
     else:
         obj = build(node)
     assert obj is not None
