@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 #   make install TORCH=torch          (PyPI's default Linux build includes CUDA)
 TORCH  ?= torch==2.13.0
 
-.PHONY: install test test-slow smoke base demo bench bench-quick bench-report bench-embedded bench-rollout bench-rl bench-rl-lift bench-pref bench-length bench-quant bench-robustness bench-optim bench-ptq bench-dpruner lint clean
+.PHONY: install test test-slow smoke base demo bench bench-quick bench-report bench-embedded bench-rollout bench-rl bench-rl-lift bench-pref bench-length bench-quant bench-robustness bench-optim bench-ptq bench-dpruner bench-data lint clean
 
 install:
 	python3 -m venv $(VENV)
@@ -43,7 +43,8 @@ demo:
 # small settings, written under outputs/bench-quick/, never over docs/), --report (re-render its section of
 # docs/RESULTS.md and its plots from docs/results/<name>.json, measuring nothing), --out DIR, --runs NAME...
 BENCHES := bench_loop bench_embedded bench_rollout bench_rl bench_rl_lift bench_pref bench_length_rl \
-           bench_quant_train bench_quant_robustness bench_optim bench_ptq bench_dpruner
+           bench_quant_train bench_quant_robustness bench_optim bench_ptq bench_dpruner \
+           bench_glow bench_reweight bench_infinite bench_regularize bench_ftwt
 
 # Loop overhead: rlx's training loop against a bare PyTorch loop and HF Trainer (about 5 minutes).
 bench:
@@ -100,6 +101,15 @@ bench-dpruner:
 # Which statistic predicts the loss PTQ adds to models trained with different optimizers.
 bench-robustness:
 	$(PY) scripts/bench_quant_robustness.py
+
+# Data weighting and regularization: GLOW, loss-based reweighting, infinite-compute ensembles and
+# distillation, the compander and gradient-norm regularizers, FTWT dynamic pruning (about an hour).
+bench-data:
+	$(PY) scripts/bench_glow.py
+	$(PY) scripts/bench_reweight.py
+	$(PY) scripts/bench_infinite.py
+	$(PY) scripts/bench_regularize.py
+	$(PY) scripts/bench_ftwt.py
 
 lint:
 	$(VENV)/bin/ruff check rlx scripts tests

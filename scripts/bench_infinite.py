@@ -137,13 +137,22 @@ def render(result: dict) -> str:
                      f"(ensemble - member: {top - lone:+.4f} nats).")
         if result.get("ensemble_fit"):
             f = result["ensemble_fit"]
-            lines.append(f"- A / k^beta + E through k = 1..{max(ens)} (exact with 3 points): E = {f['E']:.4f}, "
-                         f"beta = {f['alpha']:.2f}.")
+            if f["alpha"] < 0.05:  # the fit ran to its edge: no power law with an asymptote passes the points
+                lines.append(f"- A / k^beta + E through k = 1..{max(ens)}: the losses fall more slowly than any such "
+                             "curve with beta > 0 allows (the fit runs to beta -> 0, E -> -inf), so no asymptote can be "
+                             "read from these members.")
+            else:
+                lines.append(f"- A / k^beta + E through k = 1..{max(ens)} (exact with 3 points): E = {f['E']:.4f}, "
+                             f"beta = {f['alpha']:.2f}.")
         for name in ("student_kl", "student_synthetic"):
             if name in runs and lone > top:
                 kept = (lone - runs[name]["eval/loss"]) / (lone - top)
-                lines.append(f"- `{name}` keeps {100 * kept:.0f}% of the ensemble's gain over the best single model "
-                             "(the paper: 83%).")
+                if kept < 0:
+                    lines.append(f"- `{name}` is worse than the best single model, by {runs[name]['eval/loss'] - lone:.4f} "
+                                 "nats: it keeps none of the ensemble's gain (the paper: 83%).")
+                else:
+                    lines.append(f"- `{name}` keeps {100 * kept:.0f}% of the ensemble's gain over the best single model "
+                                 "(the paper: 83%).")
     return "\n".join(lines)
 
 
