@@ -126,10 +126,12 @@ def run(name: str, seed: int, args, sets: dict) -> dict:
 def measure(args) -> dict:
     sets = eval_sets(args.eval)
     budget = {"steps": args.steps, "problems": args.problems, "eval": args.eval}
-    items = [(name, seed) for seed in args.seeds for name in args.runs if not (RUNS[name] is None and seed != args.seeds[0])]
+    earlier = bench.earlier(**budget).get("runs", [])
+    have_base = any(r["run"] == "base" for r in earlier)  # the untrained base does not depend on the seed
+    items = [(name, seed) for seed in args.seeds for name in args.runs
+             if not (RUNS[name] is None and (have_base or seed != args.seeds[0]))]
     t0 = time.perf_counter()
-    result = bench.sweep(lambda name, seed: run(name, seed, args, sets), items, ("run", "seed"),
-                         bench.earlier(**budget).get("runs", []), budget,
+    result = bench.sweep(lambda name, seed: run(name, seed, args, sets), items, ("run", "seed"), earlier, budget,
                          show=("id_acc", "ood_acc", "ood_entropy", "final_loss", "wall_s"))
     result["wall_s"] = time.perf_counter() - t0
     return bench.record(**{k: v for k, v in result.items() if k not in ("command", "date", "machine")})
@@ -159,6 +161,8 @@ def render(result: dict) -> str:
         rs = [r for r in runs if r["run"] == name]
         if not rs:
             continue
+        if RUNS[name] is None:  # the untrained base: one evaluation whatever the seed
+            rs = rs[:1]
         cells = []
         for key in ("id", "ood"):
             acc, se = mean_se([r[f"{key}_acc"] for r in rs])
