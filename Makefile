@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 #   make install TORCH=torch          (PyPI's default Linux build includes CUDA)
 TORCH  ?= torch==2.13.0
 
-.PHONY: install test test-slow smoke base demo bench bench-quick bench-report bench-embedded bench-rollout bench-rl bench-rl-lift bench-pref bench-length bench-quant bench-robustness bench-optim bench-ptq bench-dpruner bench-data lint clean
+.PHONY: install test test-slow smoke base demo bench bench-quick bench-report bench-embedded bench-rollout bench-rl bench-rl-lift bench-pref bench-length bench-quant bench-robustness bench-optim bench-ptq bench-dpruner bench-data bench-hard lint clean
 
 install:
 	python3 -m venv $(VENV)
@@ -44,7 +44,7 @@ demo:
 # docs/RESULTS.md and its plots from docs/results/<name>.json, measuring nothing), --out DIR, --runs NAME...
 BENCHES := bench_loop bench_embedded bench_rollout bench_rl bench_rl_lift bench_pref bench_length_rl \
            bench_quant_train bench_quant_robustness bench_optim bench_ptq bench_dpruner \
-           bench_glow bench_reweight bench_infinite bench_regularize bench_ftwt
+           bench_glow bench_reweight bench_infinite bench_regularize bench_ftwt bench_rl_memory bench_hard_task
 
 # Loop overhead: rlx's training loop against a bare PyTorch loop and HF Trainer (about 5 minutes).
 bench:
@@ -69,6 +69,7 @@ bench-rollout:
 # GRPO and DPO steps/s against TRL's trainers (TRL comes with the dev extras); needs `make base`.
 bench-rl:
 	$(PY) scripts/bench_rl.py
+	$(PY) scripts/bench_rl_memory.py
 
 # Greedy accuracy lift of GRPO and PPO over the SFT base, paired per problem (about 15 minutes; builds the SFT base first if needed).
 bench-rl-lift:
@@ -101,6 +102,11 @@ bench-dpruner:
 # Which statistic predicts the loss PTQ adds to models trained with different optimizers.
 bench-robustness:
 	$(PY) scripts/bench_quant_robustness.py
+
+# The hard reasoning task's properties, measured before any length method trains on it (builds
+# model=tiny_sft_hard first if needed: 10-20 minutes; then about 5).
+bench-hard:
+	$(PY) scripts/bench_hard_task.py
 
 # Data weighting and regularization: GLOW, loss-based reweighting, infinite-compute ensembles and
 # distillation, the compander and gradient-norm regularizers, FTWT dynamic pruning (about an hour).

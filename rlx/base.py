@@ -1,9 +1,11 @@
 """The SFT base model that RL, preference and compression runs start from (`model=tiny_sft`):
 the tiny model after the default `rlx train` (SFT on the reasoning task), built on first use,
-once, and cached at $RLX_CACHE/models/tiny-sft.
+once, and cached at $RLX_CACHE/models/tiny-sft. `model=tiny_sft_hard` is the same model after SFT
+on `data=reasoning_hard` (easy and hard problems, long-tailed re-checks), at $RLX_CACHE/models/tiny-sft-hard.
 
     python -m rlx.base                      # = make base: (re)build it now
     python -m rlx.base trainer.max_steps=1200
+    python -m rlx.base --name tiny-sft-hard # the hard task's base
 
 A run that needs the base and finds none builds it in a child process (its own seed, Hydra state
 and progress bar, so the run that asked is unchanged), under a file lock: runs of a sweep that
@@ -24,10 +26,19 @@ from rlx.errors import RlxError
 from rlx.paths import cache_dir
 
 MINUTES = "5-10 minutes on 2 CPU cores"  # 1,000 SFT steps of the 1.8M-parameter model (conf/train.yaml)
+# Each base: the SFT run's overrides (after algo=sft model=tiny) and how long it takes to build.
+BASES = {
+    "tiny-sft": (["data=reasoning"], MINUTES),
+    # Traces of up to ~470 characters: the SFT window and the evaluation budget grow to fit them.
+    "tiny-sft-hard": (["data=reasoning_hard", "algo.max_length=512", "trainer.eval_max_length=512",
+                       "trainer.eval_max_new_tokens=480", "trainer.eval_samples=128"], "10-20 minutes on 2 CPU cores"),
+}
 
 
-def base_dir() -> Path:
-    return cache_dir() / "models" / "tiny-sft"
+def base_dir(name: str = "tiny-sft") -> Path:
+    if name not in BASES:
+        raise RlxError(f"unknown SFT base {name!r}; valid: {', '.join(BASES)}")
+    return cache_dir() / "models" / name
 
 
 def is_built(target: Path | None = None) -> bool:
@@ -35,9 +46,9 @@ def is_built(target: Path | None = None) -> bool:
     return ((target or base_dir()) / "config.json").exists()
 
 
-def ensure_base(overrides: list[str] | tuple[str, ...] = ()) -> Path:
-    """The cached SFT base, built first (once, under a lock) if it is not there yet."""
-    target = base_dir()
+def ensure_base(overrides: list[str] | tuple[str, ...] = (), name: str = "tiny-sft") -> Path:
+    """The cached SFT base `name`, built first (once, under a lock) if it is not there yet."""
+    target = base_dir(name)
     if is_built(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -50,9 +61,10 @@ def ensure_base(overrides: list[str] | tuple[str, ...] = ()) -> Path:
     try:
         if is_built(target):  # built by the run we waited for
             return target
-        print(f"rlx: no SFT base model yet: building it once ({MINUTES}; `make base` does the same), "
+        how = "`make base` does the same" if name == "tiny-sft" else f"`python -m rlx.base --name {name}` does the same"
+        print(f"rlx: no SFT base model {name} yet: building it once ({BASES[name][1]}; {how}), "
               f"then caching it at {target}", file=sys.stderr, flush=True)
-        done = subprocess.run([sys.executable, "-m", "rlx.base", *overrides])
+        done = subprocess.run([sys.executable, "-m", "rlx.base", "--name", name, *overrides])
         if done.returncode != 0 or not is_built(target):
             raise RlxError(f"building the SFT base model failed (exit {done.returncode}); `make base` shows why")
     finally:
@@ -60,17 +72,17 @@ def ensure_base(overrides: list[str] | tuple[str, ...] = ()) -> Path:
     return target
 
 
-def build_base(overrides: list[str]) -> dict:
-    """Train the base into $RLX_CACHE/runs/tiny-sft and copy its last checkpoint to the cache
+def build_base(overrides: list[str], name: str = "tiny-sft") -> dict:
+    """Train the base `name` into $RLX_CACHE/runs/<name> and copy its last checkpoint to the cache
     (under a temporary name, then renamed), with the run's summary beside it as base.json."""
     from rlx.config import compose_config
     from rlx.state import find_checkpoint
     from rlx.tasks import run_training
 
-    run_dir = cache_dir() / "runs" / "tiny-sft"
+    target = base_dir(name)
+    run_dir = cache_dir() / "runs" / name
     shutil.rmtree(run_dir, ignore_errors=True)
-    summary = run_training(compose_config("train", ["algo=sft", "model=tiny", "data=reasoning", *overrides]), run_dir)
-    target = base_dir()
+    summary = run_training(compose_config("train", ["algo=sft", "model=tiny", *BASES[name][0], *overrides]), run_dir)
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(find_checkpoint(run_dir), tmp)
@@ -82,8 +94,12 @@ def build_base(overrides: list[str]) -> dict:
 
 
 if __name__ == "__main__":
+    args = sys.argv[1:]
+    name = "tiny-sft"
+    if args[:1] == ["--name"]:
+        name, args = args[1], args[2:]
     try:
-        build_base(sys.argv[1:])
+        build_base(args, name)
     except RlxError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -21,8 +21,8 @@ from omegaconf.errors import OmegaConfBaseException
 from rlx.errors import RlxError
 from rlx.paths import CONF_DIR
 
-GROUPS = ("algo", "model", "optimizer", "quantizer", "data", "reward", "weighting", "regularizer", "logger", "hooks",
-          "experiment")  # rlx train
+GROUPS = ("algo", "model", "optimizer", "quantizer", "data", "reward", "rollout", "weighting", "regularizer", "logger",
+          "hooks", "experiment")  # rlx train
 # Groups of one command only, in conf/<command>/<group>/ (the command's config adds that folder to
 # Hydra's search path), so `rlx quantize method=wanda` is Hydra's own unknown-option error.
 COMMAND_GROUPS = {"quantize": ("method",), "prune": ("method",)}

@@ -161,7 +161,8 @@ def sampled_metrics(answers: dict, ks: tuple[int, ...] = ()) -> dict:
 @torch.no_grad()
 def evaluate(model, tokenizer, task, split: str, num_samples: int, batch_size: int,
              max_new_tokens: int, max_length: int) -> dict:
-    """`eval/accuracy`, `eval/response_len` (prompt tasks) and `eval/loss`, `eval/perplexity`."""
+    """`eval/accuracy`, `eval/response_len` (prompt tasks; per `difficulty` too where the examples
+    carry one: `eval/accuracy_hard`) and `eval/loss`, `eval/perplexity`."""
     was_training = model.training
     model.eval()
     examples = list(task.split(split))[:num_samples]
@@ -170,5 +171,9 @@ def evaluate(model, tokenizer, task, split: str, num_samples: int, batch_size: i
         correct, lengths = answers(model, tokenizer, task, examples, batch_size, max_new_tokens)
         metrics["eval/accuracy"] = sum(correct) / len(correct)
         metrics["eval/response_len"] = sum(lengths) / len(lengths)
+        for level in sorted({ex["difficulty"] for ex in examples if "difficulty" in ex}):  # e.g. easy / hard
+            rows = [i for i, ex in enumerate(examples) if ex.get("difficulty") == level]
+            metrics[f"eval/accuracy_{level}"] = sum(correct[i] for i in rows) / len(rows)
+            metrics[f"eval/response_len_{level}"] = sum(lengths[i] for i in rows) / len(rows)
     model.train(was_training)
     return metrics

@@ -49,7 +49,7 @@ class TrainerConfig:
     eval_batch_size: int
     eval_max_new_tokens: int
     eval_max_length: int
-
+    logprob_chunk: int = 0  # > 0: RL log-probs through the LM head this many positions at a time (rlx.rollout)
 
     @classmethod
     def from_config(cls, node: DictConfig) -> TrainerConfig:
@@ -65,6 +65,8 @@ class TrainerConfig:
             raise RlxError(f"unknown trainer.lr_scheduler={cfg.lr_scheduler!r}; valid: {', '.join(SCHEDULES)}")
         if cfg.precision not in ("auto", "fp32", "bf16"):
             raise RlxError(f"unknown trainer.precision={cfg.precision!r}; valid: auto, fp32, bf16")
+        if cfg.logprob_chunk < 0:
+            raise RlxError("trainer.logprob_chunk must be >= 0 (0: the whole response at once)")
         if min(cfg.max_steps, cfg.micro_batch_size, cfg.grad_accum, cfg.log_every) < 1:
             raise RlxError("trainer.max_steps, micro_batch_size, grad_accum and log_every must be >= 1")
         return cfg

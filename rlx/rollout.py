@@ -43,6 +43,8 @@ import torch
 from torch import Tensor
 from transformers import StaticCache
 
+from rlx.errors import RlxError
+
 
 @dataclass
 class Rollout:
@@ -92,31 +94,74 @@ def _response_logits(model, input_ids: Tensor, attention_mask: Tensor, response_
 
 
 def sequence_logprobs(model, input_ids: Tensor, attention_mask: Tensor, response_len: int,
-                      temperature: float = 1.0) -> Tensor:
+                      temperature: float = 1.0, chunk: int = 0) -> Tensor:
     """[B, response_len] log-probs (the module's convention) of the last `response_len` tokens of
     each row given everything before them; 0 where `attention_mask` is 0. Differentiable: call it
-    under `torch.no_grad()` for old / reference log-probs, with grad for the policy loss."""
-    logits = _response_logits(model, input_ids, attention_mask, response_len)
-    out = token_logprobs(logits, input_ids[:, -response_len:], temperature)
-    return out * attention_mask[:, -response_len:]
+    under `torch.no_grad()` for old / reference log-probs, with grad for the policy loss.
+    `chunk` > 0: the LM head runs on `chunk` positions at a time (`chunked_logprobs`)."""
+    return sequence_logprobs_and_entropy(model, input_ids, attention_mask, response_len, temperature, chunk,
+                                         entropy=False)[0]
 
 
 def sequence_logprobs_and_entropy(model, input_ids: Tensor, attention_mask: Tensor, response_len: int,
-                                  temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+                                  temperature: float = 1.0, chunk: int = 0,
+                                  entropy: bool = True) -> tuple[Tensor, Tensor | None]:
     """`sequence_logprobs` and, from the same forward pass, the entropy [B, response_len] of the
     sampling distribution softmax(logits / T) at each response position (detached: a metric)."""
-    logits = _response_logits(model, input_ids, attention_mask, response_len)
-    logp_all = (logits / temperature if temperature > 0 else logits).log_softmax(-1)
     mask = attention_mask[:, -response_len:]
-    logprobs = logp_all.gather(-1, input_ids[:, -response_len:].unsqueeze(-1)).squeeze(-1) * mask
+    tokens = input_ids[:, -response_len:]
+    if chunk > 0:
+        hidden = _response_hidden(model, input_ids, attention_mask, response_len)
+        logprobs, ent = chunked_logprobs(hidden, model.get_output_embeddings(), tokens, temperature, chunk, entropy)
+        return logprobs * mask, ent * mask if ent is not None else None
+    logits = _response_logits(model, input_ids, attention_mask, response_len)
+    logprobs, ent = _logprobs_of(logits, tokens, temperature, entropy)
+    return logprobs * mask, ent * mask if ent is not None else None
+
+
+def _logprobs_of(logits: Tensor, tokens: Tensor, temperature: float, entropy: bool) -> tuple[Tensor, Tensor | None]:
+    logp_all = (logits / temperature if temperature > 0 else logits).log_softmax(-1)
+    logprobs = logp_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    if not entropy:
+        return logprobs, None
     with torch.no_grad():
-        entropy = -(logp_all.exp() * logp_all).sum(-1) * mask
-    return logprobs, entropy
+        return logprobs, -(logp_all.exp() * logp_all).sum(-1)
 
 
-def token_logprobs(logits: Tensor, tokens: Tensor, temperature: float) -> Tensor:
-    scaled = logits / temperature if temperature > 0 else logits
-    return scaled.log_softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+def _response_hidden(model, input_ids: Tensor, attention_mask: Tensor, response_len: int) -> Tensor:
+    """The final hidden states at the positions that predict the response, without the LM head."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+        raise RlxError(f"{type(model).__name__} post-processes its logits (softcapping or a logit scale), which the "
+                       "chunked log-probs would skip: set trainer.logprob_chunk=0")
+    out = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                              position_ids=positions(attention_mask))
+    return out.last_hidden_state[:, -response_len - 1 : -1]
+
+
+def chunked_logprobs(hidden: Tensor, head: torch.nn.Module, tokens: Tensor, temperature: float, chunk: int,
+                     entropy: bool = True) -> tuple[Tensor, Tensor | None]:
+    """Per-token log-probs (and entropies) of `tokens` [B, R] from hidden states [B, R, H] through the
+    LM `head`, `chunk` positions at a time, so the [B, R, V] logits never exist at once: each chunk's
+    [B, chunk, V] logits are freed after use and, under autograd, recomputed in the backward pass
+    (activation checkpointing), so only the hidden states are kept for it. Equal to the plain pass
+    up to float rounding; costs one more LM-head matmul per chunk in the backward."""
+    from torch.utils.checkpoint import checkpoint
+
+    def piece(h: Tensor, t: Tensor) -> Tensor:
+        return _logprobs_of(head(h).float(), t, temperature, False)[0]
+
+    logprobs, entropies = [], []
+    for s in range(0, tokens.shape[1], chunk):
+        h, t = hidden[:, s : s + chunk], tokens[:, s : s + chunk]
+        if torch.is_grad_enabled() and h.requires_grad:
+            logprobs.append(checkpoint(piece, h, t, use_reentrant=False))
+        else:
+            logprobs.append(piece(h, t))
+        if entropy:
+            with torch.no_grad():
+                entropies.append(_logprobs_of(head(h).float(), t, temperature, True)[1])
+    return torch.cat(logprobs, 1), torch.cat(entropies, 1) if entropy else None
 
 
 def _choose(logits: Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:

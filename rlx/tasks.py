@@ -38,6 +38,9 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict:
     if cfg.get("weighting") and "weighting" not in cfg.algo:
         raise RlxError(f"weighting={cfg.weighting.get('_target_', '?').rsplit('.', 1)[-1]} weighs the samples of "
                        "algo=sft; it has no meaning for this algorithm")
+    if cfg.get("rollout") and "engine" not in cfg.algo:
+        raise RlxError(f"rollout={cfg.rollout.get('_target_', '?').rsplit('.', 1)[-1]} samples the responses of an "
+                       "RL algorithm that takes an engine (algo=grpo); this algorithm samples with rlx's own sampler")
     algo = build(cfg.algo)
     if cfg.get("regularizer"):  # wraps the algorithm: same batches, a regularized loss
         algo = build(cfg.regularizer, algo=algo)

@@ -15,6 +15,8 @@ GSM8K = REPO_ROOT.parent / "shared" / "data" / "gsm8k"
 NEEDS = {
     ("model", "hf"): None,  # a hub model: tests never reach a hub
     ("model", "tiny_sft"): None,  # built on first use: minutes of training (tests/test_first_run.py, slow)
+    ("model", "tiny_sft_hard"): None,  # the same, on data=reasoning_hard (tests/test_hard_task.py builds a small one)
+    ("rollout", "vllm"): None,  # vLLM on a CUDA GPU (scripts/gpu_check.py); its missing import is tested
     ("data", "gsm8k"): [f"data.path={GSM8K}"] if GSM8K.is_dir() else None,
     ("reward", "rm"): None,  # a checkpoint trained with algo=rm: built end to end in tests/algorithms/test_rm.py
     ("algo", "madpo"): None,  # the same (its reward model): built end to end in tests/algorithms/test_madpo.py

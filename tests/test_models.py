@@ -71,3 +71,31 @@ def test_smollm2_from_the_wheel_is_a_real_pretrained_model(tmp_path):
     ids = tok("The capital of France is", return_tensors="pt")
     out = policy.model.generate(**ids, max_new_tokens=3, do_sample=False)
     assert "Paris" in tok.decode(out[0, ids["input_ids"].shape[1]:])
+
+
+def _saved_and_grads(policy):
+    model = policy.model.train()
+    ids = torch.randint(3, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    saved = [0]
+
+    def pack(t):
+        saved[0] += t.numel()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.item(), saved[0], {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("lora", [None, {"r": 4, "target_modules": ["q_proj", "v_proj"]}])
+def test_gradient_checkpointing_keeps_the_gradients_and_saves_less(lora):
+    torch.manual_seed(0)  # peft draws the adapters' init from the global generator
+    plain = _saved_and_grads(tiny(**{**SMALL, "num_layers": 3}, device="cpu", lora=lora))
+    torch.manual_seed(0)
+    ckpt = _saved_and_grads(tiny(**{**SMALL, "num_layers": 3}, device="cpu", lora=lora, gradient_checkpointing=True))
+    assert ckpt[0] == pytest.approx(plain[0], abs=1e-6)
+    assert plain[2].keys() == ckpt[2].keys() and plain[2]
+    for name, grad in plain[2].items():
+        torch.testing.assert_close(ckpt[2][name], grad, atol=1e-6, rtol=1e-5)
+    assert ckpt[1] < 0.6 * plain[1]  # the layers' activations are recomputed, not kept

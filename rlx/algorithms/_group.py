@@ -13,18 +13,42 @@ import torch
 from torch import Tensor
 
 from rlx.algorithms._replay import minibatches
-from rlx.algorithms._rl import AGG_MODES, aggregate, clipped_policy_loss, kl_penalty, masked_mean
+from rlx.algorithms._rl import (
+    AGG_MODES,
+    IS_MODES,
+    aggregate,
+    cispo_policy_loss,
+    clipped_policy_loss,
+    gspo_policy_loss,
+    kl_penalty,
+    masked_mean,
+    mismatch_metrics,
+    rollout_is_weights,
+)
 from rlx.algorithms._sampling import Scored
 from rlx.data.stream import draw_more
 from rlx.errors import RlxError
+from rlx.models import ADAPTERS, reference_model
 from rlx.rollout import eval_mode, sequence_logprobs, sequence_logprobs_and_entropy
 
 SCALES = ("group", "batch", "batch_tokens", "none")
+LOSSES = ("clip", "gspo", "cispo")
 
 
 def check_settings(group_size: int, scale: str = "group", loss_agg: str = "token_mean", kl_coef: float = 0.0,
-                   reference=None, minibatches: int = 1) -> None:
+                   reference=None, minibatches: int = 1, loss: str = "clip", is_correction: str = "none",
+                   engine=None, top_p: float = 1.0) -> None:
     """One clear line per bad value of the settings GRPO and its variants share."""
+    if loss not in LOSSES:
+        raise RlxError(f"unknown algo.loss={loss!r}; valid: {', '.join(LOSSES)}")
+    if is_correction not in IS_MODES:
+        raise RlxError(f"unknown algo.is_correction={is_correction!r}; valid: {', '.join(IS_MODES)}")
+    if is_correction != "none" and not engine:
+        raise RlxError("algo.is_correction corrects for a sampler whose log-probs differ from the trainer's; rlx's own "
+                       "sampler (rollout=rlx) has none to correct: pick an engine (rollout=perturbed or vllm)")
+    if is_correction != "none" and top_p < 1 and getattr(engine, "nucleus_logprobs", False):
+        raise RlxError(f"{type(engine).__name__}'s log-probs are renormalised over the top-p nucleus and the trainer's "
+                       "are not, which biases algo.is_correction: set algo.top_p=1.0 (or is_correction=none)")
     if loss_agg not in AGG_MODES:
         raise RlxError(f"unknown algo.loss_agg={loss_agg!r}; valid: {', '.join(AGG_MODES)}")
     if scale not in SCALES:
@@ -38,8 +62,11 @@ def check_settings(group_size: int, scale: str = "group", loss_agg: str = "token
 
 
 def frozen(reference):
-    """The KL reference's model in eval mode without gradients, or None."""
-    return reference.model.eval().requires_grad_(False) if reference is not None else None
+    """The KL reference's model in eval mode without gradients, None, or "adapters" (the LoRA
+    policy's base, taken at each use: `rlx.models.reference_model`)."""
+    if reference is None or reference == ADAPTERS:
+        return reference
+    return reference.model.eval().requires_grad_(False)
 
 
 # ---------------------------------------------------------------------------- group selection
@@ -86,40 +113,76 @@ def dynamic_sampling(examples, draw: Callable[[list[dict]], Scored], group_size:
 # ---------------------------------------------------------------------------- tensors and loss
 
 
-def rollout_tensors(scored: Scored, state, temperature: float, *, behaviour: bool, reference=None) -> dict:
+def rollout_tensors(scored: Scored, state, temperature: float, *, behaviour: bool, reference=None,
+                    sampler: bool = False) -> dict:
     """The sequences and response mask of a scored rollout, with the behaviour log-probs if
     `behaviour` (a rollout replayed as several minibatches: later ones see a policy that has
-    moved; taken without dropout, as TRL) and the reference's if there is one."""
+    moved; taken without dropout, as TRL) and the reference's if there is one. With `sampler`
+    (a rollout-mismatch correction) also the sampler's own log-probs, and the behaviour
+    log-probs, which the correction compares them with."""
     model = state.model
     input_ids, attention_mask = scored.rollout.sequences()
     mask = scored.rollout.response_mask.float()
     data = {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": mask}
-    if behaviour:
+    if sampler:
+        data["sampler_logprobs"] = scored.rollout.logprobs.to(input_ids.device)
+    chunk = logprob_chunk(state)
+    if behaviour or sampler:
         with eval_mode(model):
-            data["old_logprobs"] = sequence_logprobs(model, input_ids, attention_mask, mask.shape[1], temperature)
+            data["old_logprobs"] = sequence_logprobs(model, input_ids, attention_mask, mask.shape[1], temperature, chunk)
     if reference is not None:
-        data["ref_logprobs"] = sequence_logprobs(reference, input_ids, attention_mask, mask.shape[1], temperature)
+        with reference_model(reference, model) as ref:
+            data["ref_logprobs"] = sequence_logprobs(ref, input_ids, attention_mask, mask.shape[1], temperature, chunk)
     return data
+
+
+def logprob_chunk(state) -> int:
+    """trainer.logprob_chunk (0 where a state has no trainer settings, as in unit tests)."""
+    return getattr(state.trainer, "logprob_chunk", 0)
 
 
 def clip_term(eps_low: float, eps_high: float):
     """GRPO's per-token policy term: the clipped surrogate and its clip fraction."""
+    return policy_term("clip", eps_low, eps_high)
+
+
+def policy_term(loss: str, eps_low: float, eps_high: float, cispo_max: float = 5.0, cispo_min: float | None = None):
+    """The per-token policy term `algo.loss` names and its clip fraction: `clip` (PPO/GRPO's
+    token-level clipped surrogate), `gspo` (the sequence-level ratio, clipped at eps_low/eps_high)
+    or `cispo` (REINFORCE with the weight capped at cispo_max, stop-gradient)."""
     def term(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor) -> tuple[Tensor, dict]:
-        per_token, clipped = clipped_policy_loss(logprobs, old_logprobs, advantages, mask, eps_low, eps_high)
+        if loss == "gspo":
+            per_token, clipped = gspo_policy_loss(logprobs, old_logprobs, advantages, mask, eps_low, eps_high)
+        elif loss == "cispo":
+            per_token, clipped = cispo_policy_loss(logprobs, old_logprobs, advantages, mask, cispo_max, cispo_min)
+        else:
+            per_token, clipped = clipped_policy_loss(logprobs, old_logprobs, advantages, mask, eps_low, eps_high)
         return per_token, {"rl/clip_frac": masked_mean(clipped.float(), mask).item()}
     return term
 
 
 def grpo_loss(batch: dict, state, policy_term, *, temperature: float, loss_agg: str, max_len: int, reference=None,
-              kl_coef: float = 0.0, kl_estimator: str = "k3") -> tuple[Tensor, dict]:
+              kl_coef: float = 0.0, kl_estimator: str = "k3", is_correction: str = "none",
+              is_clip_min: float | None = None, is_clip_max: float | None = 3.0) -> tuple[Tensor, dict]:
     """`policy_term` per token (+ kl_coef * KL to the reference), aggregated per `loss_agg`. With one
-    minibatch per rollout there are no stored behaviour log-probs: old = current, detached."""
+    minibatch per rollout there are no stored behaviour log-probs: old = current, detached.
+
+    `is_correction` (`rlx.algorithms._rl.rollout_is_weights`) multiplies the policy term by the
+    truncated or masked ratio of the trainer's behaviour log-probs to the sampler's, before the
+    KL term is added (TRL's order); the mismatch metrics are logged whenever the batch carries the
+    sampler's log-probs."""
     mask = batch["response_mask"]
     logprobs, entropy = sequence_logprobs_and_entropy(state.model, batch["input_ids"], batch["attention_mask"],
-                                                      mask.shape[1], temperature)
+                                                      mask.shape[1], temperature, logprob_chunk(state))
     old = batch.get("old_logprobs", logprobs.detach())
     per_token, policy_metrics = policy_term(logprobs, old, batch["advantages"], mask)
     metrics = {**batch["metrics"], **policy_metrics}
+    if "sampler_logprobs" in batch:
+        weights = None
+        if is_correction != "none":
+            weights = rollout_is_weights(old, batch["sampler_logprobs"], mask, is_correction, is_clip_min, is_clip_max)
+            per_token = per_token * weights
+        metrics.update(mismatch_metrics(old, batch["sampler_logprobs"], mask, weights))
     if reference is not None:
         kl = kl_penalty(logprobs, batch["ref_logprobs"], kl_estimator)
         per_token = per_token + kl_coef * kl

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from rlx.data.collate import IGNORE, lm_batch, pair_rows
 from rlx.errors import RlxError
+from rlx.models import ADAPTERS, reference_model
 
 
 def response_logps(model, batch: dict) -> tuple[Tensor, Tensor]:
@@ -30,9 +31,12 @@ def pair_key(example: dict) -> tuple[str, str, str]:
 
 
 def frozen(policy, what: str):
-    """The model of a built `Policy`, in eval mode and without gradients."""
+    """The model of a built `Policy`, in eval mode and without gradients ("adapters" stays itself:
+    the LoRA policy's base, `rlx.models.reference_model`)."""
     if policy is None:
         raise RlxError(f"this algorithm needs {what}: set it in its config (e.g. algo.reference='${{model}}')")
+    if policy == ADAPTERS:
+        return policy
     return policy.model.eval().requires_grad_(False)
 
 
@@ -65,9 +69,10 @@ class PairBatcher:
         keys = [pair_key(ex) for ex in examples]
         missing = list({key: ex for key, ex in zip(keys, examples) if key not in self.cache}.items())  # deduped
         if missing:
-            device = next(self.reference.parameters()).device
-            batch = self.tokenize([ex for _, ex in missing], state.tokenizer, device)
-            chosen, rejected = response_logps(self.reference, batch)[0].cpu().chunk(2)
+            with reference_model(self.reference, state.model) as reference:
+                device = next(reference.parameters()).device
+                batch = self.tokenize([ex for _, ex in missing], state.tokenizer, device)
+                chosen, rejected = response_logps(reference, batch)[0].cpu().chunk(2)
             for (key, _), c, r in zip(missing, chosen.tolist(), rejected.tolist()):
                 self.cache[key] = (c, r)
         return torch.tensor([self.cache[key] for key in keys])

@@ -108,6 +108,100 @@ def clipped_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tens
     return loss, valid & (low | high)
 
 
+def gspo_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
+                     eps_low: float = 3e-4, eps_high: float = 4e-4) -> tuple[Tensor, Tensor]:
+    """GSPO (Zheng et al. 2025, arXiv 2507.18071, eqs. 5-7): the clipped surrogate on the
+    sequence-level ratio s_i = exp(mean_t (log pi - log pi_old)) (the length-normalised
+    sequence likelihood ratio), -min(s_i A_i, clip(s_i, 1 - eps_low, 1 + eps_high) A_i), put on
+    every valid token of sequence i. TRL importance_sampling_level="sequence"; verl
+    policy_loss.loss_mode=gspo. The paper's clip range is 3e-4 / 4e-4 (a sequence ratio moves far
+    less than a token's). Aggregate with seq_mean_token_mean for the paper's 1/G sum_i (TRL
+    loss_type="grpo"). Returns (per_token_loss [B, T], zero on padding; clipped [B, T]: the
+    sequence's clipped branch is active, on its valid tokens).
+    """
+    if advantages.dim() == 1:
+        advantages = advantages.unsqueeze(-1)
+    m = mask.to(logprobs.dtype)
+    seq_log_ratio = ((logprobs - old_logprobs) * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1)
+    ratio = seq_log_ratio.clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO).exp()  # [B, 1]
+    per_seq = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1 - eps_low, 1 + eps_high))
+    valid = mask.bool()
+    clipped = ((ratio < 1 - eps_low) & (advantages < 0)) | ((ratio > 1 + eps_high) & (advantages > 0))
+    return torch.where(valid, per_seq, 0.0), valid & clipped
+
+
+def cispo_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
+                      max_weight: float = 5.0, min_weight: float | None = None) -> tuple[Tensor, Tensor]:
+    """CISPO (MiniMax-M1, arXiv 2506.13585, eq. 4): REINFORCE with a clipped, stop-gradient
+    importance weight, -sg(clip(r, min_weight, max_weight)) A log pi, r = pi / pi_old per token.
+    Unlike PPO's clip no token loses its gradient: the weight is capped, the token still counts.
+    TRL loss_type="cispo" caps at epsilon_high (ScaleRL's eps_max, 5.0 recommended) and sets no
+    floor; the paper's floor 1 - eps_low is `min_weight` (None: no floor, as the paper runs it).
+    Returns (per_token_loss [B, T], zero on padding; capped [B, T]: r > max_weight with A > 0,
+    TRL's cispo_clip_ratio).
+    """
+    if advantages.dim() == 1:
+        advantages = advantages.unsqueeze(-1)
+    ratio = (logprobs - old_logprobs).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO).exp()
+    weight = ratio.clamp(min=min_weight, max=max_weight).detach()
+    valid = mask.bool()
+    loss = torch.where(valid, -weight * advantages * logprobs, 0.0)
+    return loss, valid & (ratio > max_weight) & (advantages > 0)
+
+
+IS_MODES = ("none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+
+
+def rollout_is_weights(trainer_logprobs: Tensor, sampler_logprobs: Tensor, mask: Tensor, mode: str,
+                       clip_min: float | None = None, clip_max: float | None = 3.0) -> Tensor:
+    """Importance weights pi_train / pi_sampler that correct for a rollout engine whose log-probs
+    differ from the trainer's (a served engine's kernels, precision or stale weights), detached.
+
+    token_truncate     per token, clamped to [clip_min, clip_max]        TIS (Yao et al. 2025)
+    token_mask         per token, 0 outside [clip_min, clip_max]         verl/TRL token_mask
+    sequence_truncate  the product over the sequence's tokens, clamped   sequence-level TIS
+    sequence_mask      the product, 0 outside the bounds                 MIS (TRL's default)
+    TRL vllm_importance_sampling_mode/_clip_min/_clip_max (default sequence_mask, None, 3.0);
+    verl algorithm.rollout_correction. Returns [B, T] (token) or [B, 1] (sequence); multiply the
+    per-token loss by it. A bound of None is no bound.
+    """
+    if mode not in IS_MODES or mode == "none":
+        raise ValueError(f"mode must be one of {IS_MODES[1:]}, not {mode!r}")
+    # a token the sampler gave no log-prob for (NaN) gets weight 1, as in TRL
+    diff = torch.nan_to_num((trainer_logprobs - sampler_logprobs) * mask.to(trainer_logprobs.dtype)).detach()
+    if mode.startswith("sequence"):
+        diff = diff.sum(-1, keepdim=True)
+    ratio = diff.clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO).exp()
+    if mode.endswith("truncate"):
+        return ratio if clip_min is None and clip_max is None else ratio.clamp(min=clip_min, max=clip_max)
+    outside = torch.zeros_like(ratio, dtype=torch.bool)
+    if clip_min is not None:
+        outside |= ratio < clip_min
+    if clip_max is not None:
+        outside |= ratio > clip_max
+    return ratio.masked_fill(outside, 0.0)
+
+
+def mismatch_metrics(trainer_logprobs: Tensor, sampler_logprobs: Tensor, mask: Tensor,
+                     weights: Tensor | None = None) -> dict[str, float]:
+    """How far the sampler's log-probs are from the trainer's on the sampled tokens: KL(sampler ||
+    trainer) per token by k1 (mean log mu - log pi) and k3 (verl's rollout_corr/kl and k3_kl),
+    the largest per-token gap, and the IS weights' 5/50/95% quantiles and the share they zero
+    (per token, or per sequence for sequence modes)."""
+    m = mask.bool() & sampler_logprobs.isfinite()
+    d = (trainer_logprobs - sampler_logprobs)[m].float()  # log pi - log mu
+    if d.numel() == 0:
+        return {}
+    out = {"mismatch/kl_k1": (-d).mean().item(), "mismatch/kl_k3": (d.clamp(max=_MAX_LOG_RATIO).exp() - d - 1).mean().item(),
+           "mismatch/max_abs_logp_diff": d.abs().max().item()}
+    if weights is not None:
+        w = (weights[mask.bool()] if weights.shape == mask.shape else weights.flatten()).float()
+        q = torch.quantile(w, torch.tensor([0.05, 0.5, 0.95]))
+        out.update({"mismatch/is_w_p05": q[0].item(), "mismatch/is_w_p50": q[1].item(),
+                    "mismatch/is_w_p95": q[2].item(), "mismatch/is_zeroed": (w == 0).float().mean().item()})
+    return out
+
+
 def aggregate(per_token: Tensor, mask: Tensor, mode: str, max_len: int | None = None) -> Tensor:
     """Reduce a [B, T] per-token loss to a scalar; the biggest silent difference between frameworks.
 

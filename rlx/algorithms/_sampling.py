@@ -67,13 +67,15 @@ def score(rollout: Rollout, rows: list[dict], state, reward) -> tuple[Tensor, Te
 
 
 def sample_and_score(examples, state, reward, *, n: int, max_new_tokens: int, temperature: float,
-                     top_p: float) -> Scored:
-    """Sample `n` responses to each example's prompt and score them."""
+                     top_p: float, engine=None) -> Scored:
+    """Sample `n` responses to each example's prompt and score them. `engine` (`rlx.engines`)
+    samples them; None is rlx's own sampler on the training model."""
     model, tok = state.model, state.tokenizer
     rows = [ex for ex in examples for _ in range(n)]
     t0 = time.perf_counter()
     prompts = prompt_batch([ex["prompt"] for ex in rows], tok, model.device)
-    rollout = sample(model, prompts["input_ids"], prompts["attention_mask"], max_new_tokens=max_new_tokens,
+    generate = sample if engine is None else engine.generate
+    rollout = generate(model, prompts["input_ids"], prompts["attention_mask"], max_new_tokens=max_new_tokens,
                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                      temperature=temperature, top_p=top_p)
     rollout_s = time.perf_counter() - t0

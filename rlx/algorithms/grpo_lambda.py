@@ -48,11 +48,11 @@ from torch import Tensor
 
 from rlx.algorithms._group import (
     check_settings,
-    clip_term,
     dynamic_sampling,
     frozen,
     group_minibatches,
     grpo_loss,
+    policy_term,
     rollout_tensors,
 )
 from rlx.algorithms._replay import Replay
@@ -118,8 +118,16 @@ class GRPOLambda:
         dynamic_sampling: bool = False,
         max_draws: int = 4,
         minibatches: int = 1,
+        loss: str = "clip",
+        cispo_max: float = 5.0,
+        cispo_min: float | None = None,
+        engine=None,
+        is_correction: str = "none",
+        is_clip_min: float | None = None,
+        is_clip_max: float | None = 3.0,
     ):
-        check_settings(group_size, scale, loss_agg, kl_coef, reference, minibatches)
+        check_settings(group_size, scale, loss_agg, kl_coef, reference, minibatches, loss, is_correction,
+                       engine, top_p)
         if mode not in MODES:
             raise RlxError(f"unknown algo.mode={mode!r}; valid: {', '.join(MODES)}")
         if length_reward not in LENGTH_REWARDS:
@@ -133,6 +141,9 @@ class GRPOLambda:
         self.eps_low, self.eps_high, self.scale, self.loss_agg = eps_low, eps_high, scale, loss_agg
         self.kl_coef, self.kl_estimator, self.reference = kl_coef, kl_estimator, frozen(reference)
         self.dynamic_sampling, self.max_draws, self.minibatches = dynamic_sampling, max_draws, minibatches
+        self.loss_kind, self.cispo_max, self.cispo_min = loss, cispo_max, cispo_min
+        self.engine, self.is_correction, self.is_clip_min, self.is_clip_max = engine or None, is_correction, \
+            is_clip_min, is_clip_max
         self._queue = Replay()  # the minibatches of a rollout still being replayed
 
     def param_groups(self) -> list[dict]:
@@ -180,7 +191,7 @@ class GRPOLambda:
 
     def _sample(self, examples, state) -> Scored:
         return sample_and_score(examples, state, self.reward, n=self.group_size, max_new_tokens=self.max_new_tokens,
-                                temperature=self.temperature, top_p=self.top_p)
+                                temperature=self.temperature, top_p=self.top_p, engine=self.engine)
 
     @torch.no_grad()
     def _rollout(self, examples, state) -> list[dict]:
@@ -194,12 +205,14 @@ class GRPOLambda:
             scored, extra = self._sample(examples, state), {}
         advantages = self.advantages(scored).to(state.model.device)
         data = rollout_tensors(scored, state, self.temperature, behaviour=self.minibatches > 1,
-                               reference=self.reference)
+                               reference=self.reference, sampler=self.engine is not None)
         data["advantages"] = advantages
         weight = lambda mask: aggregation_weight(mask, self.loss_agg, self.max_new_tokens)
         return group_minibatches(data, self.minibatches, self.group_size, weight, {**scored.metrics, **extra})
 
     def loss(self, batch: dict, state):
-        return grpo_loss(batch, state, clip_term(self.eps_low, self.eps_high), temperature=self.temperature,
-                         loss_agg=self.loss_agg, max_len=self.max_new_tokens, reference=self.reference,
-                         kl_coef=self.kl_coef, kl_estimator=self.kl_estimator)
+        term = policy_term(self.loss_kind, self.eps_low, self.eps_high, self.cispo_max, self.cispo_min)
+        return grpo_loss(batch, state, term, temperature=self.temperature, loss_agg=self.loss_agg,
+                         max_len=self.max_new_tokens, reference=self.reference, kl_coef=self.kl_coef,
+                         kl_estimator=self.kl_estimator, is_correction=self.is_correction,
+                         is_clip_min=self.is_clip_min, is_clip_max=self.is_clip_max)

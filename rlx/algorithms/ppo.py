@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 
 from rlx.algorithms._critic import ValueModel, critic_group, score_rewards
+from rlx.algorithms._group import frozen
 from rlx.algorithms._replay import Replay, minibatches
 from rlx.algorithms._rl import (
     AGG_MODES,
@@ -44,6 +45,7 @@ from rlx.algorithms._rl import (
 )
 from rlx.algorithms._sampling import sample_and_score
 from rlx.errors import RlxError
+from rlx.models import reference_model
 from rlx.rollout import eval_mode, sequence_logprobs, sequence_logprobs_and_entropy
 
 
@@ -85,7 +87,7 @@ class PPO:
         self.eps_low, self.eps_high, self.gamma, self.lam = eps_low, eps_high, gamma, lam
         self.vf_coef, self.value_clip, self.whiten_advantages, self.loss_agg = vf_coef, value_clip, whiten_advantages, loss_agg
         self.kl_reward_coef, self.kl_coef, self.kl_estimator = kl_reward_coef, kl_coef, kl_estimator
-        self.reference = reference.model.eval().requires_grad_(False) if reference is not None else None
+        self.reference = frozen(reference)
         self.critic, self.critic_lr = ValueModel(critic.model), critic_lr
         self._queue = Replay()  # the minibatches of the rollout being replayed
 
@@ -126,7 +128,8 @@ class PPO:
                 "old_logprobs": old_logprobs, "old_values": old_values}
         kl = None
         if self.reference is not None:  # the reference is frozen in eval mode
-            data["ref_logprobs"] = sequence_logprobs(self.reference, input_ids, attention_mask, R, self.temperature)
+            with reference_model(self.reference, model) as reference:
+                data["ref_logprobs"] = sequence_logprobs(reference, input_ids, attention_mask, R, self.temperature)
             kl = kl_penalty(old_logprobs, data["ref_logprobs"], "k1")
             metrics["rl/kl"] = masked_mean(kl_penalty(old_logprobs, data["ref_logprobs"], self.kl_estimator), mask).item()
         token_rewards = score_rewards(scored.rewards.to(mask.device), mask, kl, self.kl_reward_coef)

@@ -118,6 +118,12 @@ class ReasoningTask:
         max_digits: int = 1,
         recheck_prob: float = 0.25,
         prompt_style: str = "compact",
+        recheck_more: float = 0.0,
+        recheck_max_passes: int = 3,
+        hard_fraction: float = 0.0,
+        hard_min_terms: int = 6,
+        hard_max_terms: int = 8,
+        hard_max_digits: int = 1,
     ):
         self.sources = [sources] if isinstance(sources, str) else list(sources)
         if not self.sources or not set(self.sources) <= set(SOURCES):
@@ -129,16 +135,24 @@ class ReasoningTask:
                 f"bad reasoning sizes (min_terms={min_terms}, max_terms={max_terms}, max_digits={max_digits}): "
                 "need 1 <= min_terms <= max_terms and max_digits >= 1"
             )
-        if not 0.0 <= recheck_prob <= 1.0:
-            raise RlxError(f"recheck_prob={recheck_prob} is not a probability: pass a value in [0, 1]")
+        for name, p in (("recheck_prob", recheck_prob), ("hard_fraction", hard_fraction)):
+            if not 0.0 <= p <= 1.0:
+                raise RlxError(f"{name}={p} is not a probability: pass a value in [0, 1]")
+        if not 0.0 <= recheck_more < 1.0:
+            raise RlxError(f"recheck_more={recheck_more} must be in [0, 1): the chance of each further re-check pass")
+        if hard_fraction > 0 and not (1 <= hard_min_terms <= hard_max_terms and hard_max_digits >= 1):
+            raise RlxError(f"bad hard sizes (hard_min_terms={hard_min_terms}, hard_max_terms={hard_max_terms}, "
+                           f"hard_max_digits={hard_max_digits})")
         if min(num_train, num_validation, num_test) < 0:
             raise RlxError("num_train, num_validation and num_test must be >= 0")
         self.sizes = {"train": num_train, "validation": num_validation, "test": num_test}
         self.seed = seed
-        self.recheck_prob = recheck_prob
+        self.recheck_prob, self.recheck_more, self.recheck_max_passes = recheck_prob, recheck_more, recheck_max_passes
         self.prompt_style = prompt_style
+        self.hard_fraction = hard_fraction
         arithmetic = dict(min_terms=min_terms, max_terms=max_terms, min_digits=1, max_digits=max_digits)
         self.configs = {"chain_sum": arithmetic, "basic_arithmetic": arithmetic, "gsm_symbolic": {}}
+        self.hard = dict(min_terms=hard_min_terms, max_terms=hard_max_terms, min_digits=1, max_digits=hard_max_digits)
 
     def split(self, name: str) -> list[dict]:
         return self._splits[check_split(name)]
@@ -158,27 +172,44 @@ class ReasoningTask:
         recheck = random.Random(_derived_seed(self.seed, "recheck"))
         for example in train:
             if recheck.random() < self.recheck_prob:
-                example["completion"] = _with_recheck(example["completion"], example["num_steps"], example["source"])
+                passes = 1
+                while self.recheck_more and passes < self.recheck_max_passes and recheck.random() < self.recheck_more:
+                    passes += 1
+                example["completion"] = _with_recheck(example["completion"], example["num_steps"], example["source"],
+                                                      passes)
         return {"train": train, **{name: [example for _, example in pairs] for name, pairs in held_out.items()}}
 
     def _generate(self, split: str) -> list[tuple[str, dict]]:
-        """(problem key, example) pairs for `split`, the sources sharing its size evenly, shuffled."""
+        """(problem key, example) pairs for `split`, the sources sharing its size evenly, shuffled;
+        with `hard_fraction`, that share of each source's problems drawn at the hard sizes, and
+        every example labelled with its `difficulty`."""
         n, k = self.sizes[split], len(self.sources)
         pairs = []
         for j, source in enumerate(self.sources):
-            pairs += self._from_source(source, n // k + (j < n % k), _derived_seed(self.seed, split, source))
+            m = n // k + (j < n % k)
+            hard = round(self.hard_fraction * m) if source in ARITHMETIC else 0
+            pairs += self._from_source(source, m - hard, _derived_seed(self.seed, split, source))
+            if self.hard_fraction > 0:
+                for _, example in pairs:
+                    example.setdefault("difficulty", "easy")
+            if hard:
+                pairs += self._from_source(source, hard, _derived_seed(self.seed, split, source, "hard"), self.hard,
+                                           difficulty="hard")
         random.Random(_derived_seed(self.seed, split, "mix")).shuffle(pairs)
         return pairs
 
-    def _from_source(self, source: str, n: int, seed: int) -> list[tuple[str, dict]]:
+    def _from_source(self, source: str, n: int, seed: int, config: dict | None = None,
+                     difficulty: str | None = None) -> list[tuple[str, dict]]:
         # Spare indices make up for the few items whose trace cannot be written (inexact division).
-        dataset = reasoning_gym.create_dataset(source, size=2 * n + 100, seed=seed, **self.configs[source])
+        dataset = reasoning_gym.create_dataset(source, size=2 * n + 100, seed=seed, **(config or self.configs[source]))
         pairs = []
         for index in range(len(dataset)):
             if len(pairs) == n:
                 break
             pair = self._example(source, dataset[index])
             if pair is not None:
+                if difficulty is not None:
+                    pair[1]["difficulty"] = difficulty
                 pairs.append(pair)
         if len(pairs) < n:
             raise RlxError(f"reasoning-gym's {source} gave too few problems rlx can trace; check the data config")
@@ -218,10 +249,11 @@ def _cot_body(cot: str) -> str:
     return "\n".join(line for line in cot.splitlines() if not line.startswith("####")).strip()
 
 
-def _with_recheck(completion: str, num_steps: int, source: str) -> str:
-    """Repeat each arithmetic step as 'check: ...' before the answer line; other traces are left alone."""
+def _with_recheck(completion: str, num_steps: int, source: str, passes: int = 1) -> str:
+    """Repeat each arithmetic step as 'check: ...' before the answer line, `passes` times; other
+    traces are left alone. The re-checks are removable: the answer line needs none of them."""
     if source not in ARITHMETIC:
         return completion
     lines = completion.split("\n")
     steps, answer = lines[:num_steps], lines[num_steps:]
-    return "\n".join(steps + [f"check: {step}" for step in steps] + answer)
+    return "\n".join(steps + [f"check: {step}" for step in steps] * passes + answer)
