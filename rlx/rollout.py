@@ -148,19 +148,18 @@ def chunked_logprobs(hidden: Tensor, head: torch.nn.Module, tokens: Tensor, temp
     up to float rounding; costs one more LM-head matmul per chunk in the backward."""
     from torch.utils.checkpoint import checkpoint
 
-    def piece(h: Tensor, t: Tensor) -> Tensor:
-        return _logprobs_of(head(h).float(), t, temperature, False)[0]
+    def piece(h: Tensor, t: Tensor) -> tuple[Tensor, Tensor | None]:
+        return _logprobs_of(head(h).float(), t, temperature, entropy)  # one LM-head pass for both
 
     logprobs, entropies = [], []
     for s in range(0, tokens.shape[1], chunk):
         h, t = hidden[:, s : s + chunk], tokens[:, s : s + chunk]
         if torch.is_grad_enabled() and h.requires_grad:
-            logprobs.append(checkpoint(piece, h, t, use_reentrant=False))
+            lp, ent = checkpoint(piece, h, t, use_reentrant=False)
         else:
-            logprobs.append(piece(h, t))
-        if entropy:
-            with torch.no_grad():
-                entropies.append(_logprobs_of(head(h).float(), t, temperature, True)[1])
+            lp, ent = piece(h, t)
+        logprobs.append(lp)
+        entropies.append(ent)
     return torch.cat(logprobs, 1), torch.cat(entropies, 1) if entropy else None
 
 
