@@ -61,9 +61,14 @@ def run_hydra_task(task: Callable, name: str, args: list[str]) -> None:
 @app.command(context_settings=PASSTHROUGH)
 def train(ctx: typer.Context) -> None:
     """Train: rlx train [-m] algo=sft optimizer.lr=3e-4 trainer.max_steps=200 (`rlx train -- --help` for Hydra's help)."""
+    from rlx.distributed import torchrun_overrides
     from rlx.tasks import train_task
 
-    run_hydra_task(train_task, "train", ctx.args)
+    try:
+        args = torchrun_overrides(ctx.args)  # under torchrun: one run folder for all ranks
+    except RlxError as e:
+        _fail(e)
+    run_hydra_task(train_task, "train", args)
 
 
 @app.command(context_settings=PASSTHROUGH)

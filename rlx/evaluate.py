@@ -105,6 +105,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int) -> tuple
         do_sample=False,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
+        synced_gpus=False,  # under FSDP2 rank 0 evaluates alone, with the weights gathered (rlx.distributed)
     )[:, batch["input_ids"].shape[1] :]
     lengths = []
     for row in out.tolist():

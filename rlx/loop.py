@@ -3,6 +3,12 @@ batches and losses, hooks act at fixed events (rlx/hooks.py), and the loop does 
 gradient accumulation, clipping, LR schedule, mixed precision, logging, eval, checkpoints,
 resume, the NaN guard, and a memory report after the first step: what weights and optimizer state
 hold (per parameter group) and the peak of the step.
+
+Under torchrun (`trainer.strategy=ddp|fsdp2`, rlx/distributed.py) every rank runs this loop on its
+share of the micro-batches; the loop weighs them by the global target count, sums the metrics
+over ranks, and lets rank 0 alone log, evaluate and write. Each micro-batch samples and computes
+its loss under an RNG seeded from (seed, step, its global index), so N ranks draw what one
+process with N times the accumulation draws, and the RNG the hooks see stays equal on all ranks.
 """
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ from omegaconf.errors import OmegaConfBaseException
 from tqdm.auto import tqdm
 
 from rlx.data.stream import ExampleStream, NextBatch
+from rlx.distributed import SINGLE, STRATEGIES
 from rlx.errors import RlxError
 from rlx.evaluate import evaluate
 from rlx.hooks import HookList
@@ -50,6 +57,7 @@ class TrainerConfig:
     eval_max_new_tokens: int
     eval_max_length: int
     logprob_chunk: int = 0  # > 0: RL log-probs through the LM head this many positions at a time (rlx.rollout)
+    strategy: str = "single"  # single | ddp | fsdp2 (under torchrun: rlx/distributed.py)
 
     @classmethod
     def from_config(cls, node: DictConfig) -> TrainerConfig:
@@ -61,6 +69,8 @@ class TrainerConfig:
         if missing:
             raise RlxError(f"trainer settings missing: {', '.join('trainer.' + k for k in missing)}")
         cfg = cls(**OmegaConf.to_container(merged))
+        if cfg.strategy not in STRATEGIES:
+            raise RlxError(f"unknown trainer.strategy={cfg.strategy!r}; valid: {', '.join(STRATEGIES)}")
         if cfg.lr_scheduler not in SCHEDULES:
             raise RlxError(f"unknown trainer.lr_scheduler={cfg.lr_scheduler!r}; valid: {', '.join(SCHEDULES)}")
         if cfg.precision not in ("auto", "fp32", "bf16"):
@@ -85,6 +95,17 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
+@contextlib.contextmanager
+def micro_batch_rng(seed: int, step: int, index: int, phase: int, device: torch.device):
+    """Torch's RNG seeded from (seed, step, the micro-batch's global index, phase) for the duration,
+    and restored after: what a micro-batch draws depends on where it is in the run, not on which
+    rank draws it or what was drawn before."""
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed((((seed * 1_000_003) + step) * 10_007 + index) * 2 + phase)
+        yield
+
+
 def _resume_from(cfg: TrainerConfig, run_dir: Path) -> Path | None:
     if cfg.resume is None:
         return None
@@ -99,7 +120,8 @@ def train(state: TrainState, algo, hooks: HookList, logger, *, seed: int = 0,
     """Run `state.trainer.max_steps` optimizer steps on `state.task` into `state.run_dir`;
     returns the final metrics. `config` is the composed config, saved with each checkpoint."""
     model, device, task, cfg, run_dir = state.model, state.model.device, state.task, state.trainer, state.run_dir
-    stream = ExampleStream(task.split("train"), cfg.micro_batch_size, seed)
+    par = state.parallel or SINGLE
+    stream = ExampleStream(task.split("train"), cfg.micro_batch_size, seed, par.rank, par.world)
     params = [p for group in state.optimizer.param_groups for p in group["params"]]  # incl. a critic's
     ckpt_root = run_dir / "checkpoints"
     resume = _resume_from(cfg, run_dir)
@@ -114,15 +136,21 @@ def train(state: TrainState, algo, hooks: HookList, logger, *, seed: int = 0,
         return save_checkpoint(state, ckpt_root, extra, config, cfg.keep_last)
 
     def run_eval() -> dict:
-        return evaluate(model, state.tokenizer, task, cfg.eval_split, cfg.eval_samples, cfg.eval_batch_size,
-                        cfg.eval_max_new_tokens, cfg.eval_max_length)
+        with par.gathered(model):  # rank 0 evaluates; the others wait
+            ev = evaluate(model, state.tokenizer, task, cfg.eval_split, cfg.eval_samples, cfg.eval_batch_size,
+                          cfg.eval_max_new_tokens, cfg.eval_max_length) if par.is_main else {}
+            par.barrier()
+        return ev
+
+    def micro(g: int, phase: int):  # the RNG of this rank's g-th micro-batch of the step
+        return micro_batch_rng(seed, state.step, g * par.world + par.rank, phase, device)
 
     hooks.on_train_start(state)
     start_step = state.step
     model.train()
     # disable=None: tqdm draws only on a terminal, so logs and CI output stay readable
-    bar = tqdm(total=cfg.max_steps, initial=state.step, desc="train", disable=None if cfg.progress else True,
-               dynamic_ncols=True)
+    bar = tqdm(total=cfg.max_steps, initial=state.step, desc="train",
+               disable=None if cfg.progress and par.is_main else True, dynamic_ncols=True)
     window: dict[str, float] = {}
     train_time, tokens0, last = 0.0, state.tokens, {}  # train_time excludes eval and saving
     peak = StepPeak(model, state.optimizer)  # the first step's peak memory
@@ -133,23 +161,35 @@ def train(state: TrainState, algo, hooks: HookList, logger, *, seed: int = 0,
             if first:  # optimizer states exist from the first step on: measure that one
                 peak.start()
             hooks.on_step_start(state)
-            batches = [algo.make_batch(NextBatch(stream), state) for _ in range(cfg.grad_accum)]
+            batches = []
+            with par.gathered(model):  # FSDP2: sampling with the whole model on every rank
+                for g in range(cfg.grad_accum):
+                    with micro(g, 0):
+                        batches.append(algo.make_batch(NextBatch(stream), state))
             t_update = time.perf_counter()
-            total = sum(b["num_targets"] for b in batches)
+            # micro-batches weigh by their share of the step's targets on all ranks; DDP and FSDP2
+            # average gradients over ranks, so each rank's share is scaled up by the world size
+            total, tokens = par.sum([sum(b["num_targets"] for b in batches),
+                                     sum(b.get("num_tokens", b["num_targets"]) for b in batches)]).tolist()
             step_metrics: dict[str, float] = {"time/batch_s": t_update - t_step}  # RL: rollouts, rewards, reference
-            for batch in batches:
+            for g, batch in enumerate(batches):
                 weight = batch["num_targets"] / total
-                with autocast(device, cfg.precision):
+                with micro(g, 1), autocast(device, cfg.precision):
                     loss, metrics = algo.loss(batch, state)
                 if not torch.isfinite(loss):
                     raise RlxError(f"loss is {loss.item()} at step {state.step + 1}; stopped, the last good "
                                    f"checkpoint is {ckpt_root / 'last' if (ckpt_root / 'last').exists() else 'none (nothing saved yet)'}")
-                (loss * weight).backward()
+                with par.gradient_sync(model, enabled=g == len(batches) - 1):
+                    (loss * (weight * par.world)).backward()
                 for k, v in metrics.items():
                     step_metrics[k] = step_metrics.get(k, 0.0) + float(v) * weight
+            par.sync_extra_grads(params, model)
+            step_metrics = par.reduce_metrics(step_metrics)
             hooks.on_after_backward(state)
             if cfg.max_grad_norm > 0:
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor over the shards
+                    grad_norm = grad_norm.full_tensor()
                 if not torch.isfinite(grad_norm):
                     raise RlxError(f"gradient norm is {grad_norm.item()} at step {state.step + 1}; stopped before "
                                    "the update, the last good checkpoint is intact")
@@ -160,7 +200,7 @@ def train(state: TrainState, algo, hooks: HookList, logger, *, seed: int = 0,
             state.scheduler.step()
             state.optimizer.zero_grad(set_to_none=True)
             state.step += 1
-            state.tokens += sum(b.get("num_tokens", b["num_targets"]) for b in batches)
+            state.tokens += int(tokens)
             hooks.on_step_end(state)
             step_metrics["time/update_s"] = time.perf_counter() - t_update
             bar.update(1)

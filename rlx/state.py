@@ -3,7 +3,8 @@
 A checkpoint is a folder `checkpoints/step_000200/` holding the model in Hugging Face format
 (`save_pretrained`: transformers loads it without rlx), the tokenizer, the composed config
 (`rlx_config.yaml`) and `trainer_state.pt` (optimizer, scheduler, step, RNG states, data
-position, hook states). It is written under a temporary name and renamed into place, and
+position, hook states; under FSDP2 the optimizer state is in `optimizer/` instead, one shard per
+rank). It is written under a temporary name and renamed into place, and
 `checkpoints/last` is a symlink swapped atomically, so a crash never leaves a half-written
 checkpoint behind `last`.
 """
@@ -25,6 +26,7 @@ from transformers.utils import logging as hf_logging
 from rlx.errors import RlxError
 
 STATE_FILE = "trainer_state.pt"
+SHARDED_OPTIMIZER = "optimizer"  # FSDP2: every rank's shard of the optimizer state (torch.distributed.checkpoint)
 
 
 @dataclass
@@ -38,6 +40,7 @@ class TrainState:
     tokens: int = 0  # target tokens trained on
     run_dir: Path | None = None  # the run's folder: where checkpoints go and hooks write their exports
     trainer: Any = None  # the run's TrainerConfig (max_steps, grad_accum, ...), for hooks and algorithms
+    parallel: Any = None  # rlx.distributed.Parallel: this rank's place under torchrun (None: one process)
 
 
 # ---------------------------------------------------------------------------- RNG
@@ -62,14 +65,38 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(state: TrainState, root: Path, extra: dict, config: DictConfig | None, keep_last: int) -> Path:
-    """Write `root/step_XXXXXX` atomically, point `root/last` at it, keep the newest `keep_last`."""
-    root.mkdir(parents=True, exist_ok=True)
+    """Write `root/step_XXXXXX` atomically, point `root/last` at it, keep the newest `keep_last`.
+    Under data parallelism rank 0 writes and every rank waits until it has; under FSDP2 the
+    weights are gathered to rank 0 first and every rank writes its shard of the optimizer state
+    (torch.distributed.checkpoint) into the same temporary folder."""
+    from rlx.distributed import SINGLE, full_model_state, save_sharded_optimizer
+
+    par = state.parallel or SINGLE
+    sharded = par.strategy == "fsdp2"
     final = root / f"step_{state.step:06d}"
     tmp = root / f".{final.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    if par.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model_state = None
+        if sharded:
+            par.barrier()  # the folder is clean before any rank writes to it
+            model_state = full_model_state(state.model)
+            save_sharded_optimizer(state.model, state.optimizer, tmp / SHARDED_OPTIMIZER)
+        if par.is_main:
+            _write_checkpoint(state, tmp, extra, config, model_state)
+            _publish(root, tmp, final, keep_last)
+    finally:
+        par.barrier()
+    return final
+
+
+def _write_checkpoint(state: TrainState, tmp: Path, extra: dict, config: DictConfig | None,
+                      model_state: dict | None) -> None:
     hf_logging.disable_progress_bar()  # a bar per checkpoint would break the training bar
     try:
-        state.model.save_pretrained(tmp)
+        state.model.save_pretrained(tmp, state_dict=model_state)  # None: the model's own
     finally:
         hf_logging.enable_progress_bar()
     state.tokenizer.save_pretrained(tmp)
@@ -78,12 +105,17 @@ def save_checkpoint(state: TrainState, root: Path, extra: dict, config: DictConf
     trainer = {
         "step": state.step,
         "tokens": state.tokens,
-        "optimizer": state.optimizer.state_dict(),
         "scheduler": state.scheduler.state_dict(),
         "rng": rng_state(),
         **extra,
     }
+    if model_state is None:  # sharded optimizer state is in SHARDED_OPTIMIZER instead
+        trainer["optimizer"] = state.optimizer.state_dict()
     torch.save(trainer, tmp / STATE_FILE)
+
+
+def _publish(root: Path, tmp: Path, final: Path, keep_last: int) -> None:
+    """Rename the finished `tmp` into place and swap `root/last` to it, then prune old ones."""
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -93,7 +125,6 @@ def save_checkpoint(state: TrainState, root: Path, extra: dict, config: DictConf
     os.replace(link, root / "last")
     for old in sorted(root.glob("step_*"))[:-keep_last]:
         shutil.rmtree(old)
-    return final
 
 
 # ---------------------------------------------------------------------------- resume
@@ -110,15 +141,19 @@ def find_checkpoint(path: str | Path) -> Path:
     raise RlxError(f"{str(path)!r} holds no checkpoint (expected {STATE_FILE} or a checkpoints/last link)")
 
 
-def load_model_weights(model: torch.nn.Module, folder: Path) -> None:
-    """Load `save_pretrained` weights into an already-built model (full model or PEFT adapter)."""
+def _read_weights(folder: Path) -> dict:
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise RlxError(f"checkpoint {folder} holds no .safetensors weights")
     try:
-        weights = {k: v for f in files for k, v in load_file(f).items()}
+        return {k: v for f in files for k, v in load_file(f).items()}
     except Exception as e:  # safetensors raises several types for truncated or garbled files
         raise RlxError(f"checkpoint {folder} is corrupt: {str(e).splitlines()[0]}") from None
+
+
+def load_model_weights(model: torch.nn.Module, folder: Path) -> None:
+    """Load `save_pretrained` weights into an already-built model (full model or PEFT adapter)."""
+    weights = _read_weights(folder)
     if hasattr(model, "peft_config"):
         from peft import set_peft_model_state_dict
 
@@ -139,8 +174,13 @@ def load_checkpoint(state: TrainState, folder: Path) -> dict:
         raise RlxError(f"{folder} is not a training checkpoint (no {STATE_FILE})") from None
     except Exception as e:
         raise RlxError(f"checkpoint {folder} is corrupt: {str(e).splitlines()[0]}") from None
-    load_model_weights(state.model, folder)
-    state.optimizer.load_state_dict(trainer.pop("optimizer"))
+    if "optimizer" in trainer:
+        load_model_weights(state.model, folder)
+        state.optimizer.load_state_dict(trainer.pop("optimizer"))
+    else:  # written under FSDP2: full weights into this rank's shards, its optimizer shard from the folder
+        from rlx.distributed import load_sharded
+
+        load_sharded(state.model, state.optimizer, _read_weights(folder), folder / SHARDED_OPTIMIZER)
     state.scheduler.load_state_dict(trainer.pop("scheduler"))
     state.step, state.tokens = trainer.pop("step"), trainer.pop("tokens")
     set_rng_state(trainer.pop("rng"))

@@ -18,19 +18,28 @@ from omegaconf import DictConfig
 from rlx.algorithms import Algorithm
 from rlx.compress.run import run_prune, run_quantize
 from rlx.config import build, require_complete
+from rlx.distributed import Parallel, check_shardable
 from rlx.errors import RlxError
 from rlx.hooks import HookList
 from rlx.loop import TrainerConfig, make_scheduler, train
 from rlx.paths import CONF_DIR
 from rlx.seeding import seed_everything
 from rlx.state import TrainState
-from rlx.tracking import print_summary
+from rlx.tracking import NullLogger, print_summary
 
 
 def run_training(cfg: DictConfig, run_dir: Path) -> dict:
     """Build every component from `cfg`, train, log, and return the final metrics."""
     require_complete(cfg)
     trainer_cfg = TrainerConfig.from_config(cfg.trainer)
+    parallel = Parallel.start(trainer_cfg.strategy)
+    try:
+        return _run_training(cfg, run_dir, trainer_cfg, parallel)
+    finally:
+        parallel.close()
+
+
+def _run_training(cfg: DictConfig, run_dir: Path, trainer_cfg: TrainerConfig, parallel: Parallel) -> dict:
     seed_everything(cfg.seed)
     t_start = time.perf_counter()
     policy = build(cfg.model)
@@ -54,6 +63,7 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict:
               file=sys.stderr)
     # Named parameters (torch keeps the names in each group's `param_names`), so optimizers that
     # treat layers differently (FRUGAL keeps embeddings and norms state-full) can tell them apart.
+    parallel.prepare(policy.model)  # DDP / FSDP2 in place, before the optimizer sees the parameters
     groups = [{"params": [(n, p) for n, p in policy.model.named_parameters() if p.requires_grad]},
               *algo.param_groups()]  # what an algorithm trains beside the policy (PPO's critic)
     params = [p for g in groups for _, p in g["params"]]
@@ -62,9 +72,11 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict:
     except (TypeError, ValueError) as e:
         raise RlxError(f"cannot build optimizer {cfg.optimizer.get('_target_')}: {e}") from None
     state = TrainState(policy.model, policy.tokenizer, optimizer, make_scheduler(optimizer, trainer_cfg), task,
-                       run_dir=run_dir, trainer=trainer_cfg)
+                       run_dir=run_dir, trainer=trainer_cfg, parallel=parallel)
     hooks = HookList({"quantizer": build(cfg.quantizer), **{name: build(h) for name, h in cfg.hooks.items()}})
-    logger = build(cfg.logger, run_dir=run_dir)
+    if parallel.strategy == "fsdp2":
+        check_shardable(optimizer, hooks.named, algo.param_groups(), type(algo).__name__)
+    logger = build(cfg.logger, run_dir=run_dir) if parallel.is_main else NullLogger()  # rank 0 alone writes
     logger.log_config(cfg)
     try:
         final = train(state, algo, hooks, logger, seed=cfg.seed, config=cfg)
@@ -77,7 +89,8 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict:
         if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
             summary = {"overrides": HydraConfig.get().job.override_dirname, **summary}
         logger.summary(summary)
-        print_summary(summary)
+        if parallel.is_main:
+            print_summary(summary)
         return summary
     finally:
         logger.finish()

@@ -45,6 +45,15 @@ class JsonlLogger:
         self._file.close()
 
 
+class NullLogger:
+    """What ranks other than 0 log to under data parallelism: nothing."""
+
+    def log_config(self, config: DictConfig) -> None: ...
+    def log(self, metrics: dict, step: int) -> None: ...
+    def summary(self, summary: dict) -> None: ...
+    def finish(self) -> None: ...
+
+
 class WandbLogger(JsonlLogger):
     """The same metrics through wandb. `mode: auto` is online when WANDB_API_KEY is set, else
     offline (a real run folder under `run_dir/wandb` that `wandb sync` uploads later). Jobs of

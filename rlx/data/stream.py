@@ -2,6 +2,10 @@
 
 Each epoch is a fresh permutation drawn from `seed + epoch`, so the stream's position is two
 integers and resuming needs no replay: `load_state_dict` jumps straight back.
+
+Under data parallelism every rank walks the same stream and keeps every `world`-th micro-batch
+(its `rank`-th of each round), so N ranks see the micro-batches one process would see with
+N times the gradient accumulation, in the same order, and their positions stay equal.
 """
 from __future__ import annotations
 
@@ -11,10 +15,11 @@ import torch
 
 
 class ExampleStream:
-    def __init__(self, examples: Sequence[dict], batch_size: int, seed: int = 0):
+    def __init__(self, examples: Sequence[dict], batch_size: int, seed: int = 0, rank: int = 0, world: int = 1):
         if len(examples) < batch_size:
             raise ValueError(f"{len(examples)} training examples is fewer than one micro-batch of {batch_size}")
         self.examples, self.batch_size, self.seed = examples, batch_size, seed
+        self.rank, self.world = rank, world
         self.epoch, self.pos = 0, 0
         self._order = self._permutation()
 
@@ -23,6 +28,11 @@ class ExampleStream:
         return torch.randperm(len(self.examples), generator=g).tolist()
 
     def next(self) -> list[dict]:
+        """This rank's next micro-batch (of each round of `world`)."""
+        batches = [self._next() for _ in range(self.world)]
+        return batches[self.rank]
+
+    def _next(self) -> list[dict]:
         """The next micro-batch; an epoch's tail shorter than a batch is dropped."""
         if self.pos + self.batch_size > len(self._order):
             self.epoch, self.pos = self.epoch + 1, 0
