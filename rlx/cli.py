@@ -45,6 +45,10 @@ def run_hydra_task(task: Callable, name: str, args: list[str]) -> None:
     the finished job's HydraConfig is dropped so later in-process code does not see it."""
     from hydra.core.hydra_config import HydraConfig
 
+    modes = [a for a in args if a in ("-m", "--multirun", "-c", "--cfg", "-i", "--info", "--run")]
+    if len(modes) > 1:
+        _fail(RlxError(f"{' and '.join(modes)} cannot go together: --cfg and --info show the config a single "
+                       "run would use"))
     try:
         check_overrides(name, [a for a in args if "=" in a and not a.startswith("-")])
     except RlxError as e:

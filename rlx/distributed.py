@@ -1,6 +1,7 @@
 """Data parallelism inside the one loop: `torchrun --nproc-per-node N -m rlx train trainer.strategy=ddp`.
 
-torchrun is the outer process; each rank composes the same config and runs the same loop. rlx
+torchrun is the outer process; each rank composes the same config and runs the same loop. (A
+submitit job of several tasks, `hydra/launcher=slurm_ddp`, is the same: Slurm starts the ranks.) rlx
 uses PyTorch's own engines, applied to the model in place so that algorithms keep calling the
 plain transformers model (sampling, `get_decoder`, LoRA's adapter switch):
 
@@ -34,8 +35,40 @@ TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER
 
 
 def launched_world() -> int:
-    """How many processes torchrun started (1 outside torchrun)."""
+    """How many processes torchrun (or a submitit job of several tasks) started; 1 otherwise."""
+    _export_submitit_ranks()
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _export_submitit_ranks() -> None:
+    """In a submitit job of several tasks (hydra/launcher=slurm_ddp; submitit's local executor), set
+    torchrun's variables (RANK, WORLD_SIZE, MASTER_ADDR, ...) from the job's, so each task is a rank."""
+    if "RANK" in os.environ or not ("SLURM_JOB_ID" in os.environ or "SUBMITIT_LOCAL_JOB_ID" in os.environ):
+        return
+    try:
+        from submitit import JobEnvironment
+        from submitit.helpers import TorchDistributedEnvironment
+    except ImportError:
+        return
+    if JobEnvironment().num_tasks > 1:
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
+def across_ranks(t: torch.Tensor) -> tuple[torch.Tensor, slice]:
+    """Every rank's 1-d `t` concatenated in rank order, and where this rank's part sits in it: what
+    batch statistics (a batch std, a top-k over groups) are taken over under data parallelism, so
+    they equal one process's over the same rollouts. Outside torchrun: `t` itself."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return t, slice(0, t.numel())
+    par = Parallel("ddp", dist.get_rank(), dist.get_world_size())
+    sizes = par.gather_sizes(t.numel())
+    start = sum(sizes[: par.rank])
+    return par.gather_cat(t, sizes), slice(start, start + t.numel())
+
+
+def batch_concat(t: torch.Tensor) -> torch.Tensor:
+    """`across_ranks(t)` without the slice: the whole batch's values."""
+    return across_ranks(t)[0]
 
 
 def join_group() -> None:
@@ -82,8 +115,8 @@ class Parallel:
         world = launched_world()
         if strategy == "single":
             if world > 1:
-                raise RlxError(f"torchrun started {world} processes but trainer.strategy=single: "
-                               "add trainer.strategy=ddp (or fsdp2)")
+                raise RlxError(f"{world} processes were started for this run (torchrun, or a launcher's tasks) but "
+                               "trainer.strategy=single: add trainer.strategy=ddp (or fsdp2)")
             return cls()
         if "RANK" not in os.environ:
             raise RlxError(f"trainer.strategy={strategy} runs under torchrun: "
@@ -172,19 +205,18 @@ class Parallel:
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return t
 
-    def gather_cat(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Every rank's `tensor` (1-d, any length) concatenated in rank order, on every rank: batch
-        statistics computed from it equal one process's over the whole batch."""
-        if self.world == 1:
-            return tensor
+    def gather_sizes(self, n: int) -> list[int]:
         sizes = [torch.zeros(1, dtype=torch.long, device=self.comm_device) for _ in range(self.world)]
-        dist.all_gather(sizes, torch.tensor([tensor.numel()], device=self.comm_device))
-        width = int(max(s.item() for s in sizes))
-        padded = torch.zeros(width, dtype=tensor.dtype, device=self.comm_device)
+        dist.all_gather(sizes, torch.tensor([n], device=self.comm_device))
+        return [int(s.item()) for s in sizes]
+
+    def gather_cat(self, tensor: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        """Every rank's 1-d `tensor` (of `sizes[rank]` elements) concatenated in rank order, on every rank."""
+        padded = torch.zeros(max(sizes), dtype=tensor.dtype, device=self.comm_device)
         padded[: tensor.numel()] = tensor.detach().flatten().to(self.comm_device)
         parts = [torch.empty_like(padded) for _ in range(self.world)]
         dist.all_gather(parts, padded)
-        return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)]).to(tensor.device)
+        return torch.cat([p[:n] for p, n in zip(parts, sizes)]).to(tensor.device)
 
     def reduce_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
         """A step's metrics over all ranks: each rank's are already weighted by its share of the

@@ -157,3 +157,106 @@ def test_fsdp2_refuses_what_needs_whole_weights(override, match):
     hooks = {"quantizer": build(cfg.quantizer) if override.startswith("quantizer") else Hook()}
     with pytest.raises(RlxError, match=match):
         check_shardable(optimizer, hooks, algo.param_groups() if algo else [], "PPO")
+
+
+# ---------------------------------------------------------------------------- batch statistics over ranks
+
+
+def _on_ranks(rank: int, world: int, init: str, fn, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        torch.save(fn(rank, world), f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def on_two_ranks(tmp_path, fn) -> list:
+    """fn(rank, world) run on 2 gloo processes; what each returned, in rank order."""
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "result")
+    mp.spawn(_on_ranks, args=(2, f"file://{tmp_path / 'rendezvous'}", fn, out), nprocs=2)
+    return [torch.load(f"{out}.{r}") for r in range(2)]
+
+
+REWARDS = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 1.0, 0.3, 0.9, 0.2, 0.2, 0.0, 0.0, 0.0, 1.0])
+LENGTHS = torch.tensor([5, 9, 12, 3, 7, 7, 30, 4, 2, 8, 15, 6, 11, 1, 9, 20])
+CORRECT = (REWARDS > 0.5).float()
+
+
+def _advantages_of_my_half(rank, world):
+    from rlx.algorithms._rl import group_advantages
+    from rlx.distributed import batch_concat
+
+    half = slice(8 * rank, 8 * rank + 8)  # two groups of 4 on each rank
+    return {scale: group_advantages(REWARDS[half], 4, scale=scale, lengths=LENGTHS[half], gather=batch_concat)
+            for scale in ("batch", "batch_tokens", "group")}
+
+
+def test_batch_statistics_span_the_ranks(tmp_path):
+    from rlx.algorithms._rl import group_advantages
+
+    ranks = on_two_ranks(tmp_path, _advantages_of_my_half)
+    for scale in ("batch", "batch_tokens", "group"):
+        whole = group_advantages(REWARDS, 4, scale=scale, lengths=LENGTHS)
+        torch.testing.assert_close(torch.cat([r[scale] for r in ranks]), whole, msg=scale)
+    # the ranks' own halves alone would give other values: the gather is what makes them equal
+    alone = group_advantages(REWARDS[:8], 4, scale="batch")
+    assert not torch.allclose(alone, group_advantages(REWARDS, 4, scale="batch")[:8])
+
+
+def _selection_of_my_half(rank, world):
+    from rlx.algorithms.grpo_lambda import GRPOLambda
+    from tests.support import Constant
+    from rlx.rewards import WeightedSum
+
+    algo = GRPOLambda(WeightedSum({"r": Constant()}, {"r": 1.0}), group_size=4, fraction=0.5)
+    half = slice(8 * rank, 8 * rank + 8)
+    return algo.shaped_rewards(REWARDS[half], CORRECT[half], LENGTHS[half].float())
+
+
+def test_grpo_lambda_selects_over_all_ranks(tmp_path):
+    from rlx.algorithms.grpo_lambda import GRPOLambda
+    from tests.support import Constant
+    from rlx.rewards import WeightedSum
+
+    algo = GRPOLambda(WeightedSum({"r": Constant()}, {"r": 1.0}), group_size=4, fraction=0.5)
+    rewards, chosen = algo.shaped_rewards(REWARDS, CORRECT, LENGTHS.float())
+    ranks = on_two_ranks(tmp_path, _selection_of_my_half)
+    torch.testing.assert_close(torch.cat([r[0] for r in ranks]), rewards)
+    assert torch.cat([r[1] for r in ranks]).tolist() == chosen.tolist()
+    assert [r[1].sum().item() for r in ranks] != [1, 1]  # not each rank's own top half
+
+
+def test_a_killed_rank_ends_the_run_and_the_last_checkpoint_holds(tmp_path):
+    import signal
+    import time
+
+    import psutil
+
+    from rlx.state import STATE_FILE, find_checkpoint
+
+    run = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "rlx", "train",
+           "model=tiny", *SMALL, "trainer.strategy=ddp", "trainer.max_steps=100000", "trainer.save_every=3",
+           f"hydra.run.dir={run}"]
+    launcher = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (run / "checkpoints" / "last").exists() and time.time() < deadline:
+            time.sleep(0.5)
+        workers = [p for p in psutil.Process(launcher.pid).children(recursive=True)
+                   if str(run) in " ".join(p.cmdline()) and p.environ().get("RANK") == "1"]
+        assert len(workers) == 1
+        workers[0].send_signal(signal.SIGKILL)
+        _, err = launcher.communicate(timeout=120)
+    finally:
+        launcher.kill()
+    assert launcher.returncode != 0
+    assert "exitcode  : -9" in err or "Signal 9" in err  # torchrun names the rank that died
+    last = find_checkpoint(run)
+    assert (last / STATE_FILE).is_file() and torch.load(last / STATE_FILE, weights_only=False)["step"] % 3 == 0
+    assert load_file(last / "model.safetensors")

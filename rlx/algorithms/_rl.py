@@ -35,7 +35,7 @@ def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
 
 
 def group_advantages(rewards: Tensor, group_size: int, scale: str = "group", eps: float = 1e-4,
-                     lengths: Tensor | None = None) -> Tensor:
+                     lengths: Tensor | None = None, gather=None) -> Tensor:
     """GRPO advantages A_i = (r_i - mean_group(r)) / (std + eps), rows laid out group after group.
 
     scale="group":  std of the sample's own group (GRPO; TRL scale_rewards="group",
@@ -52,6 +52,9 @@ def group_advantages(rewards: Tensor, group_size: int, scale: str = "group", eps
     The std is torch.std's default, the unbiased (n-1) estimator, as TRL, verl and OpenRLHF use;
     eps=1e-4 is TRL's (verl uses 1e-6). A group whose rewards are all equal gets advantage 0
     (except under batch_tokens, whose batch re-centring shifts it, as in verl).
+
+    `gather` (a 1-d tensor -> the whole batch's, e.g. rlx.distributed.batch_concat) widens the batch
+    statistics to rows held elsewhere: the other ranks' under data parallelism.
     """
     if group_size < 2 or rewards.numel() % group_size:
         raise ValueError(f"need groups of >= 2 samples dividing the batch; got {rewards.numel()} rows, "
@@ -63,24 +66,30 @@ def group_advantages(rewards: Tensor, group_size: int, scale: str = "group", eps
     if scale == "group":
         std = grouped.std(dim=1).repeat_interleave(group_size)
     elif scale == "batch":
-        std = grouped.std()
+        std = (gather or _same)(grouped.flatten()).std()
     elif scale == "batch_tokens":
         if lengths is None:
             raise ValueError("scale='batch_tokens' needs the responses' token lengths")
-        return token_whiten(centred, lengths)
+        return token_whiten(centred, lengths, gather)
     else:
         raise ValueError(f"scale must be 'group', 'batch', 'batch_tokens' or 'none', not {scale!r}")
     return centred / (std + eps)
 
 
-def token_whiten(values: Tensor, lengths: Tensor) -> Tensor:
+def token_whiten(values: Tensor, lengths: Tensor, gather=None) -> Tensor:
     """Per-sequence `values` [B] whitened as if broadcast over each sequence's `lengths` tokens:
-    `whiten` of the [B, T] broadcast, taken back to one value per sequence."""
+    `whiten` of the [B, T] broadcast, taken back to one value per sequence (the mean and variance
+    over the `gather`ed batch where given)."""
     w = lengths.to(values.device, torch.float32)
-    n = w.sum()
-    mean = (w * values).sum() / n.clamp(min=1)
-    var = (w * (values - mean).square()).sum() / (n - 1).clamp(min=1)
+    all_w, all_v = ((gather or _same)(w), (gather or _same)(values))
+    n = all_w.sum()
+    mean = (all_w * all_v).sum() / n.clamp(min=1)
+    var = (all_w * (all_v - mean).square()).sum() / (n - 1).clamp(min=1)
     return (values - mean) * torch.rsqrt(var + 1e-8)
+
+
+def _same(t: Tensor) -> Tensor:
+    return t
 
 
 def clipped_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,

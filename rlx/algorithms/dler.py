@@ -62,6 +62,7 @@ from rlx.algorithms._group import (
 from rlx.algorithms._replay import Replay
 from rlx.algorithms._rl import aggregation_weight, group_advantages
 from rlx.algorithms._sampling import Scored, sample_and_score
+from rlx.distributed import batch_concat
 from rlx.errors import RlxError
 
 
@@ -172,7 +173,8 @@ class DLER:
 
     def advantages(self, scored: Scored) -> Tensor:
         """[B] advantage per response: its reward against its group's, scaled per `scale`."""
-        return group_advantages(scored.rewards, self.group_size, scale=self.scale, lengths=scored.rollout.lengths)
+        return group_advantages(scored.rewards, self.group_size, scale=self.scale, lengths=scored.rollout.lengths,
+                                gather=batch_concat)  # batch statistics span every rank's rollouts
 
     def loss(self, batch: dict, state):
         term = policy_term(self.loss_kind, self.eps_low, self.eps_high, self.cispo_max, self.cispo_min)

@@ -91,6 +91,7 @@ from rlx.algorithms._group import (
 from rlx.algorithms._replay import Replay
 from rlx.algorithms._rl import _MAX_LOG_RATIO, aggregation_weight, group_advantages, masked_mean
 from rlx.algorithms._sampling import Scored, sample_and_score
+from rlx.distributed import batch_concat
 from rlx.data.stream import draw_more
 from rlx.errors import RlxError
 from rlx.rollout import Rollout
@@ -345,7 +346,8 @@ class DOT:
 
     def advantages(self, scored: Scored) -> Tensor:
         """[B] advantage per response: its reward against its group's, scaled per `scale`."""
-        return group_advantages(scored.rewards, self.group_size, scale=self.scale, lengths=scored.rollout.lengths)
+        return group_advantages(scored.rewards, self.group_size, scale=self.scale, lengths=scored.rollout.lengths,
+                                gather=batch_concat)  # batch statistics span every rank's rollouts
 
     def loss(self, batch: dict, state):
         """KL-Cov (`loss_mode=kl_cov`), or GRPO's clipped surrogate (`loss_mode=clip`)."""

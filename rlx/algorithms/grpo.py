@@ -25,6 +25,7 @@ the paper uses the k3 estimator at beta=0.04: `algo.kl_coef=0.04 algo.reference=
 Scope of the batch statistics: `scale=batch` and `scale=batch_tokens` take their std over one
 micro-batch rollout (trainer.micro_batch_size prompts x group_size), which is the optimizer
 step's batch at trainer.grad_accum=1; with accumulation each micro-batch is normalised on its own.
+Under data parallelism they span the micro-batch rollouts of all ranks (rlx.distributed.batch_concat).
 
 Behaviour and reference log-probs are taken in eval mode (no dropout), as TRL does; the loss's
 log-probs in train mode.
@@ -71,6 +72,7 @@ from rlx.algorithms._group import (
 from rlx.algorithms._replay import Replay
 from rlx.algorithms._rl import aggregation_weight, group_advantages
 from rlx.algorithms._sampling import Scored, sample_and_score
+from rlx.distributed import batch_concat
 
 
 class GRPO:
@@ -149,7 +151,8 @@ class GRPO:
 
     def advantages(self, scored: Scored) -> Tensor:
         """[B] advantage per response: its reward against its group's, scaled per `scale`."""
-        return group_advantages(scored.rewards, self.group_size, scale=self.scale, lengths=scored.rollout.lengths)
+        return group_advantages(scored.rewards, self.group_size, scale=self.scale, lengths=scored.rollout.lengths,
+                                gather=batch_concat)  # batch statistics span every rank's rollouts
 
     def loss(self, batch: dict, state):
         term = policy_term(self.loss_kind, self.eps_low, self.eps_high, self.cispo_max, self.cispo_min)

@@ -33,7 +33,8 @@ write-up of its method section. Choices where it is silent, each a config option
 
 Scope: "the batch" is one micro-batch rollout (trainer.micro_batch_size prompts), which is the
 optimizer step's batch at trainer.grad_accum=1; with accumulation each micro-batch selects its own
-top-lambda groups. A micro-batch too small for floor(lambda * K) >= 1 stops the run with one line
+top-lambda groups. Under data parallelism the batch is the micro-batch rollouts of all ranks
+(micro_batch_size x ranks prompts): the selection is taken over them all. A micro-batch too small for floor(lambda * K) >= 1 stops the run with one line
 rather than silently training plain GRPO.
 
 The rollout, minibatches and loss are GRPO's, from the same shared pieces (`rlx.algorithms._group`);
@@ -58,6 +59,7 @@ from rlx.algorithms._group import (
 from rlx.algorithms._replay import Replay
 from rlx.algorithms._rl import aggregation_weight, group_advantages
 from rlx.algorithms._sampling import Scored, sample_and_score
+from rlx.distributed import across_ranks, batch_concat
 from rlx.errors import RlxError
 
 MODES = ("topk", "threshold")
@@ -162,13 +164,13 @@ class GRPOLambda:
     def shaped_rewards(self, rewards: Tensor, correct: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         """(rewards with S's groups length-penalised, the bool [K] selection S)."""
         G = self.group_size
-        ratios = correct.float().view(-1, G).mean(1)
+        ratios, mine = across_ranks(correct.float().view(-1, G).mean(1))  # the groups of every rank's rollout
         K = len(ratios)
         if self.mode == "topk" and self.fraction > 0 and int(self.fraction * K + 1e-9) == 0:
             raise RlxError(f"algo.fraction={self.fraction} of the {K} groups in a micro-batch selects none, so "
                            f"GRPO-lambda would silently be GRPO: raise trainer.micro_batch_size to at least "
                            f"{math.ceil(1 / self.fraction - 1e-9)} prompts (the selection is per micro-batch rollout)")
-        chosen = efficiency_groups(ratios, self.fraction, self.mode, self.threshold)
+        chosen = efficiency_groups(ratios, self.fraction, self.mode, self.threshold)[mine]
         out = rewards.float().clone().view(-1, G)
         for k in chosen.nonzero().flatten().tolist():
             out[k] = self.length_reward(lengths.view(-1, G)[k], correct.view(-1, G)[k], self.alpha)
@@ -185,7 +187,7 @@ class GRPOLambda:
             if rows.any():  # an empty side has no mean: leave it out rather than log NaN
                 scored.metrics[f"grpo_lambda/rho_{name}"] = ratios[rows].mean().item()
                 scored.metrics[f"grpo_lambda/len_{name}"] = mean_len[rows].mean().item()
-        return group_advantages(rewards, G, scale=self.scale, lengths=lengths)
+        return group_advantages(rewards, G, scale=self.scale, lengths=lengths, gather=batch_concat)
 
     # Sampling, the rollout and the loss are GRPO's, kept word for word as in rlx/algorithms/grpo.py.
 
