@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 #   make install TORCH=torch          (PyPI's default Linux build includes CUDA)
 TORCH  ?= torch==2.13.0
 
-.PHONY: install test test-slow smoke base demo bench bench-quick bench-report bench-embedded bench-rollout bench-rl bench-rl-lift bench-pref bench-length bench-quant bench-robustness bench-optim bench-ptq bench-dpruner bench-data bench-hard vllm-cpu lint clean
+.PHONY: install test test-slow smoke base demo bench bench-quick bench-report bench-embedded bench-rollout bench-rl bench-rl-lift bench-pref bench-length bench-quant bench-robustness bench-optim bench-ptq bench-dpruner bench-data bench-hard bench-scaling vllm-cpu lint clean
 
 install:
 	python3 -m venv $(VENV)
@@ -107,6 +107,10 @@ bench-robustness:
 # model=tiny_sft_hard first if needed: 10-20 minutes; then about 5).
 bench-hard:
 	$(PY) scripts/bench_hard_task.py
+
+# Data parallelism: the same SFT steps single, under DDP (1 and 2 processes) and FSDP2 (about 4 minutes).
+bench-scaling:
+	$(PY) scripts/bench_scaling.py
 
 # Data weighting and regularization: GLOW, loss-based reweighting, infinite-compute ensembles and
 # distillation, the compander and gradient-norm regularizers, FTWT dynamic pruning (about an hour).

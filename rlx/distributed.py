@@ -139,7 +139,10 @@ class Parallel:
             from torch.distributed._composable import replicate
 
             device_ids = [self.local_rank] if torch.cuda.is_available() else None
-            replicate(model, device_ids=device_ids, forward_sync_buffers=False)  # broadcasts rank 0's weights once
+            replicate(model, device_ids=device_ids, forward_sync_buffers=False)
+            # DDP itself is built at the first forward unless asked now; now, it broadcasts rank 0's weights
+            # before any hook has swapped them (ECO leaves one-element placeholders that cannot be broadcast)
+            replicate.state(model).lazy_init()
         elif self.strategy == "fsdp2":
             from torch.distributed.fsdp import fully_shard
 
@@ -289,8 +292,12 @@ def load_sharded(model: torch.nn.Module, optimizer, weights: dict, optimizer_pat
     """Full `weights` into this rank's parameter shards, and its optimizer shard from `optimizer_path`
     (collective)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
-                                                         set_model_state_dict, set_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
 
     set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
     state = get_optimizer_state_dict(model, optimizer)

@@ -91,8 +91,8 @@ from rlx.algorithms._group import (
 from rlx.algorithms._replay import Replay
 from rlx.algorithms._rl import _MAX_LOG_RATIO, aggregation_weight, group_advantages, masked_mean
 from rlx.algorithms._sampling import Scored, sample_and_score
-from rlx.distributed import batch_concat
 from rlx.data.stream import draw_more
+from rlx.distributed import batch_concat
 from rlx.errors import RlxError
 from rlx.rollout import Rollout
 
