@@ -15,6 +15,7 @@ from rlx.algorithms.dpo import DPO
 from rlx.algorithms.drpo import DRPO
 from rlx.algorithms.grpo import GRPO
 from rlx.algorithms.grpo_lambda import GRPOLambda
+from rlx.algorithms.p3o import P3O
 from rlx.algorithms.ppo import PPO, ValueModel
 from rlx.algorithms.rm import RM
 from rlx.algorithms.sft import SFT
@@ -36,7 +37,7 @@ REWARD = WeightedSum({}, {})
 def test_every_algorithm_keeps_the_contract():
     critic = tiny(**SMALL, device="cpu")
     algos = [SFT(), DPO(reference=critic), RM(), GRPO(REWARD), DLER(REWARD), DRPO(REWARD), DOT(REWARD),
-             GRPOLambda(REWARD), PPO(REWARD, critic=critic), TPPO(REWARD, critic=critic)]
+             GRPOLambda(REWARD), P3O(REWARD, beta=0.0), PPO(REWARD, critic=critic), TPPO(REWARD, critic=critic)]
     for algo in algos:
         assert isinstance(algo, Algorithm), type(algo).__name__
         algo.load_state_dict(algo.state_dict())  # round-trips before any step
