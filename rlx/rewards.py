@@ -66,12 +66,16 @@ class WeightedSum:
 
     def __call__(self, responses: list[str], examples: list[dict], task,
                  lengths=None) -> tuple[torch.Tensor, dict[str, float]]:
-        total = torch.zeros(len(responses))
-        metrics = {}
-        for name, term in self.terms.items():
-            values = term(responses, examples, task, lengths).float()
-            total += self.weights[name] * values
-            metrics[f"reward/{name}"] = values.mean().item()
+        return self.combine(self.term_values(responses, examples, task, lengths), len(responses))
+
+    def term_values(self, responses: list[str], examples: list[dict], task, lengths=None) -> dict[str, torch.Tensor]:
+        """Each term's [B] values (for methods that weigh the terms themselves: algo=constrained)."""
+        return {name: term(responses, examples, task, lengths).float().cpu() for name, term in self.terms.items()}
+
+    def combine(self, values: dict[str, torch.Tensor], n: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """The weighted sum of the terms' [n] values, and each term's batch mean as a metric."""
+        total = sum((self.weights[name] * v for name, v in values.items()), torch.zeros(n))
+        metrics = {f"reward/{name}": v.mean().item() for name, v in values.items()}
         return total, metrics
 
 

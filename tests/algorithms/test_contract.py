@@ -9,6 +9,7 @@ import torch
 
 from rlx.algorithms import Algorithm
 from rlx.algorithms._rl import kl_penalty
+from rlx.algorithms.constrained import Constrained
 from rlx.algorithms.dler import DLER
 from rlx.algorithms.dot import DOT
 from rlx.algorithms.dpo import DPO
@@ -37,7 +38,8 @@ REWARD = WeightedSum({}, {})
 def test_every_algorithm_keeps_the_contract():
     critic = tiny(**SMALL, device="cpu")
     algos = [SFT(), DPO(reference=critic), RM(), GRPO(REWARD), DLER(REWARD), DRPO(REWARD), DOT(REWARD),
-             GRPOLambda(REWARD), P3O(REWARD, beta=0.0), PPO(REWARD, critic=critic), TPPO(REWARD, critic=critic)]
+             GRPOLambda(REWARD), P3O(REWARD, beta=0.0),
+             Constrained(WeightedSum({'c': Constant()}, {'c': 1.0}), {'c': 1.0}, beta=0.0), PPO(REWARD, critic=critic), TPPO(REWARD, critic=critic)]
     for algo in algos:
         assert isinstance(algo, Algorithm), type(algo).__name__
         algo.load_state_dict(algo.state_dict())  # round-trips before any step
