@@ -106,3 +106,54 @@ class RewardModel:
             out.append(sequence_reward(self.model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
                                        self.tokenizer.eos_token_id).cpu())
         return torch.cat(out) if out else torch.zeros(0)
+
+
+# ---------------------------------------------------------------------------- Ctrl-U
+
+
+def uncertainty_weighted(views: torch.Tensor, scale: float = 1.0, temperature: float = 1.0,
+                         kind: str = "gaussian") -> tuple[torch.Tensor, torch.Tensor]:
+    """(r_hat, U) from K >= 2 reward views [K, B]: r_hat = exp(-U / temperature) * mean_k r_k.
+    gaussian:  U = var_k(r) / scale^2 (unbiased; for two views (r1 - r2)^2 / (2 scale^2));
+    bernoulli: U = KL(Bern(sigmoid(r2)) || Bern(sigmoid(r1))) for two views of a logit-valued reward,
+    Ctrl-U's per-pixel KL between the two predictions, with two classes."""
+    if views.dim() != 2 or views.shape[0] < 2:
+        raise ValueError(f"need [K >= 2, B] reward views, got shape {tuple(views.shape)}")
+    if kind == "gaussian":
+        u = views.var(dim=0) / scale**2
+    elif kind == "bernoulli":
+        if views.shape[0] != 2:
+            raise ValueError("kind='bernoulli' compares exactly two views")
+        p1, p2 = torch.sigmoid(views[0]), torch.sigmoid(views[1])
+        u = scale * (p2 * (p2 / p1).log() + (1 - p2) * ((1 - p2) / (1 - p1)).log())
+    else:
+        raise ValueError(f"kind must be 'gaussian' or 'bernoulli', not {kind!r}")
+    return torch.exp(-u / temperature) * views.mean(dim=0), u
+
+
+class UncertainRewardModel:
+    """Ctrl-U's uncertainty weighting (Zhang et al., ICLR 2025, arXiv 2410.11236), transferred from
+    its image setting to LLM reward models (the transfer is rlx's, not the paper's): two or more
+    reward models trained apart (`algo=rm` with different seeds or data: an ensemble) score each
+    response; where they disagree the reward is down-weighted, r_hat = exp(-U / temperature) *
+    mean(views), U their disagreement (`uncertainty_weighted`). In the paper the trained model
+    produces both views and U is also a loss term; here the reward models are frozen, so U has no
+    gradient with respect to the policy and only the weighting transfers. `kind=bernoulli` treats
+    the rewards as logits (a Bradley-Terry reward is one) and takes the KL between the two views'
+    Bernoullis, as Ctrl-U takes the KL between two segmentation predictions."""
+
+    def __init__(self, checkpoints: list[str], scale: float = 1.0, temperature: float = 1.0, kind: str = "gaussian",
+                 batch_size: int = 64, max_length: int = 256, device: str = "auto"):
+        from rlx.errors import RlxError
+
+        if len(checkpoints) < 2:
+            raise RlxError("reward uncertainty needs two or more reward-model checkpoints (an ensemble): "
+                           f"reward.terms.rm.checkpoints=[A,B], got {len(checkpoints)}")
+        if kind not in ("gaussian", "bernoulli") or scale <= 0 or temperature <= 0:
+            raise RlxError(f"kind={kind!r} must be gaussian or bernoulli, scale and temperature > 0")
+        self.models = [RewardModel(c, batch_size, max_length, device) for c in checkpoints]
+        self.scale, self.temperature, self.kind = scale, temperature, kind
+
+    def __call__(self, responses: list[str], examples: list[dict], task, lengths=None) -> torch.Tensor:
+        views = torch.stack([m(responses, examples, task, lengths) for m in self.models])
+        return uncertainty_weighted(views, self.scale, self.temperature, self.kind)[0]

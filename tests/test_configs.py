@@ -19,6 +19,7 @@ NEEDS = {
     ("rollout", "vllm"): None,  # vLLM on a CUDA GPU (scripts/gpu_check.py); its missing import is tested
     ("data", "gsm8k"): [f"data.path={GSM8K}"] if GSM8K.is_dir() else None,
     ("reward", "rm"): None,  # a checkpoint trained with algo=rm: built end to end in tests/algorithms/test_rm.py
+    ("reward", "rm_uncertain"): None,  # two such checkpoints: tests/test_rewards.py builds two small ones
     ("algo", "madpo"): None,  # the same (its reward model): built end to end in tests/algorithms/test_madpo.py
     ("algo", "smpo"): None,  # the same: tests/algorithms/test_smpo.py
     ("algo", "distill"): None,  # trained teacher checkpoints: built end to end in tests/algorithms/test_distill.py

@@ -1,4 +1,6 @@
 """Reward terms and their weighted sum, on hand-written responses."""
+import math
+
 import pytest
 import torch
 
@@ -57,3 +59,48 @@ def test_length_penalty_in_a_grpo_config(tmp_path):
     run_training(small_config("algo=grpo", "reward=length_penalty", "algo.group_size=2", "algo.max_new_tokens=8",
                               "trainer.micro_batch_size=2"), tmp_path)
     assert "reward/length" in (tmp_path / "metrics.jsonl").read_text()
+
+
+# ---------------------------------------------------------------------------- Ctrl-U
+
+
+def test_uncertainty_weighting_on_the_notes_values():
+    from rlx.rewards import uncertainty_weighted
+
+    # two views 1.2 and 0.8 with s = 0.2: U = 0.16 / 0.08 = 2, weight e^-2, reward e^-2 * 1.0
+    r, u = uncertainty_weighted(torch.tensor([[1.2, 1.0], [0.8, 1.0]]), scale=0.2)
+    assert u.tolist() == pytest.approx([2.0, 0.0])
+    assert r.tolist() == pytest.approx([0.135335, 1.0], abs=1e-6)  # matching views: the plain reward
+    # Ctrl-U's two-class toy: P2 = (0.5, 0.5), P1 = (0.9, 0.1): U = 0.510826, weight 0.6
+    logit = lambda p: math.log(p / (1 - p))
+    r, u = uncertainty_weighted(torch.tensor([[logit(0.9)], [0.0]]), kind="bernoulli")
+    assert u.item() == pytest.approx(0.510826, abs=1e-6)
+    assert (r / torch.tensor([logit(0.9) / 2])).item() == pytest.approx(0.6, abs=1e-6)
+
+
+def test_uncertainty_weighting_shrinks_with_disagreement_and_temperature():
+    from rlx.rewards import uncertainty_weighted
+
+    agree = uncertainty_weighted(torch.tensor([[1.0], [1.1]]))[0]
+    disagree = uncertainty_weighted(torch.tensor([[0.5], [1.6]]))[0]  # same mean, wider apart
+    warm = uncertainty_weighted(torch.tensor([[0.5], [1.6]]), temperature=10.0)[0]
+    assert disagree < agree and disagree < warm < agree
+
+
+def test_an_ensemble_of_reward_models_scores_responses(tmp_path):
+    from rlx.models import tiny
+    from rlx.rewards import RewardModel, UncertainRewardModel, uncertainty_weighted
+
+    paths = []
+    for seed in (0, 1):  # any causal LM is a reward model by its EOS logit; two different ones disagree
+        policy = tiny(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, device="cpu", seed=seed)
+        policy.model.save_pretrained(tmp_path / f"rm{seed}")
+        policy.tokenizer.save_pretrained(tmp_path / f"rm{seed}")
+        paths.append(str(tmp_path / f"rm{seed}"))
+    term = UncertainRewardModel(paths, scale=0.5, device="cpu")
+    got = term(RESPONSES, [EX] * 3, TASK)
+    views = torch.stack([RewardModel(p, device="cpu")(RESPONSES, [EX] * 3, TASK) for p in paths])
+    assert (views[0] != views[1]).all()
+    torch.testing.assert_close(got, uncertainty_weighted(views, scale=0.5)[0])
+    with pytest.raises(RlxError, match="two or more"):
+        UncertainRewardModel(paths[:1])
