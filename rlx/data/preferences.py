@@ -16,6 +16,10 @@ chosen side is always the concise, correct trace. Each pair has one `kind`, draw
   Arithmetic sources only.
 * "format": the rejected trace lacks its final `#### answer` line. The scorer falls back to the
   last number, which is still right, so this pair is about format, not correctness.
+* "careful": the one kind whose chosen side is not concise: the right answer with every step
+  re-checked, against a concise slipped trace. Correctness prefers the chosen side, brevity the
+  rejected one: the conflict multi-objective methods (algo=raco) are about. Not for ties or
+  cross-prompt pairing.
 
 Each example also keeps "completion" (= chosen), "answer", "source" and "question", so the
 loop's evaluation (perplexity of the chosen trace, accuracy by generation) works unchanged.
@@ -59,7 +63,7 @@ from rlx.data import check_split
 from rlx.data.reasoning import ARITHMETIC, ReasoningTask, _derived_seed, _with_recheck, solve
 from rlx.errors import RlxError
 
-KINDS = ("wrong", "long", "format")
+KINDS = ("wrong", "long", "format", "careful")
 MAX_SLIP = 3  # a corrupted step is off by 1..3 either way: small, as a real slip would be
 _CHECK = "check: "
 
@@ -126,6 +130,9 @@ class ReasoningPairs:
             raise RlxError(f"preference kinds {self.kinds} are not all known: choose from {', '.join(KINDS)}")
         if not 0.0 <= ties < 1.0:
             raise RlxError(f"data.ties={ties} is the share of tie pairs: pass a value in [0, 1)")
+        if (ties or cross_prompt) and "careful" in self.kinds:
+            raise RlxError("data.kinds 'careful' (a long right trace over a short wrong one) is not for ties or "
+                           "cross-prompt pairing, which label concise traces")
         if (cross_prompt or fail_fail_ties) and "wrong" not in self.kinds:
             raise RlxError("data.cross_prompt and data.fail_fail_ties pair slipped (wrong) traces: add 'wrong' to data.kinds")
         self.ties, self.cross_prompt, self.fail_fail_ties = ties, cross_prompt, fail_fail_ties
@@ -196,6 +203,8 @@ class ReasoningPairs:
 
     def _pair(self, example: dict, kind: str, rejected: str) -> dict:
         chosen = _concise(example["completion"])
+        if kind == "careful":
+            chosen = _with_recheck(chosen, example["num_steps"], example["source"])
         return {
             "prompt": example["prompt"],
             "chosen": chosen,
@@ -214,6 +223,8 @@ class ReasoningPairs:
             return longer if longer != chosen else None  # free-text traces have no steps to re-check
         if kind == "format":
             return chosen.rsplit("\n####", 1)[0]
+        if kind == "careful" and _with_recheck(chosen, example["num_steps"], example["source"]) == chosen:
+            return None  # nothing to re-check: no longer side
         return self._wrong(example, rng)
 
     def _wrong(self, example: dict, rng: random.Random) -> str | None:

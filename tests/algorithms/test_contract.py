@@ -18,6 +18,7 @@ from rlx.algorithms.grpo import GRPO
 from rlx.algorithms.grpo_lambda import GRPOLambda
 from rlx.algorithms.p3o import P3O
 from rlx.algorithms.ppo import PPO, ValueModel
+from rlx.algorithms.raco import RACO
 from rlx.algorithms.rm import RM
 from rlx.algorithms.sft import SFT
 from rlx.algorithms.tppo import TPPO
@@ -37,7 +38,7 @@ REWARD = WeightedSum({}, {})
 
 def test_every_algorithm_keeps_the_contract():
     critic = tiny(**SMALL, device="cpu")
-    algos = [SFT(), DPO(reference=critic), RM(), GRPO(REWARD), DLER(REWARD), DRPO(REWARD), DOT(REWARD),
+    algos = [SFT(), DPO(reference=critic), RACO(reference=critic), RM(), GRPO(REWARD), DLER(REWARD), DRPO(REWARD), DOT(REWARD),
              GRPOLambda(REWARD), P3O(REWARD, beta=0.0),
              Constrained(WeightedSum({'c': Constant()}, {'c': 1.0}), {'c': 1.0}, beta=0.0), PPO(REWARD, critic=critic), TPPO(REWARD, critic=critic)]
     for algo in algos:
