@@ -157,3 +157,110 @@ class UncertainRewardModel:
     def __call__(self, responses: list[str], examples: list[dict], task, lengths=None) -> torch.Tensor:
         views = torch.stack([m(responses, examples, task, lengths) for m in self.models])
         return uncertainty_weighted(views, self.scale, self.temperature, self.kind)[0]
+
+
+# ---------------------------------------------------------------------------- Quark (provisional)
+
+
+def tri_factor_weights(zbar: torch.Tensor, priority: torch.Tensor, redundancy: torch.Tensor, tau: float,
+                       floor: float = 0.0) -> torch.Tensor:
+    """w ~ softmax(-tau * zbar) * priority * redundancy (weak objectives, risky ones and unique ones
+    weigh more), floored at `floor` and normalised to sum 1."""
+    w = torch.softmax(-tau * zbar, 0) * priority / priority.sum() * redundancy
+    w = w / w.sum()
+    if floor > 0:
+        w = w.clamp(min=floor)
+        w = w / w.sum()
+    return w
+
+
+def redundancy_factors(z: torch.Tensor) -> torch.Tensor:
+    """[K] 1 / (1 + sum_{j != k} max(0, corr(z_k, z_j))) from the normalised values z [K, B] (Pearson;
+    a constant objective correlates with nothing)."""
+    centred = z - z.mean(1, keepdim=True)
+    norm = centred.norm(dim=1)
+    corr = (centred @ centred.T) / (norm[:, None] * norm[None, :]).clamp(min=1e-12)
+    corr = corr.clamp(min=0).fill_diagonal_(0)
+    return 1 / (1 + corr.sum(1))
+
+
+class ReferenceNormalized:
+    """`reward=multi`: Quark Medical Alignment's two mechanisms for heterogeneous rewards (Xu et al.,
+    2026, arXiv 2602.11661), in rlx's PROVISIONAL reconstruction: the paper's equations and settings
+    were not available, only the mechanisms' names and goals, so every formula below is rlx's design
+    (the paper note's), not a reproduction.
+
+    Reference-frozen normalisation (RFN): each term's mean and std are taken on the responses of
+    the first `calibration` rollouts, which the initial policy (the reference) samples, and then
+    frozen: z_k = (r_k - mu_k) / (s_k + eps) for the rest of the run, so a term that improves shows
+    as a growing z instead of being re-centred away, and no term dominates by its scale.
+    Tri-factor weights: every `every` rollouts after calibration, w_new ~ softmax(-tau zbar) (weak
+    terms up) * priority (risk) * 1 / (1 + sum of positive correlations) (redundant terms down),
+    floored at `floor`, then w <- (1 - rho) w + rho w_new. The reward is sum_k w_k z_k. Deviation
+    from the note: the weights are recomputed on the rollout itself, not a held-out batch.
+
+    The statistics and weights are the run's state: `state_dict` (algo=grpo checkpoints them)."""
+
+    def __init__(self, terms: dict, priority: dict | None = None, calibration: int = 1, every: int = 50,
+                 tau: float = 1.0, rho: float = 0.1, floor: float = 0.05, eps: float = 1e-6, adaptive: bool = True):
+        from rlx.errors import RlxError
+
+        self.names, self.terms = list(terms), terms
+        priority = priority or {}
+        if set(priority) - set(terms) or any(v <= 0 for v in priority.values()):
+            raise RlxError(f"reward.priority names terms of {sorted(terms)} with values > 0, got {dict(priority)}")
+        if calibration < 1 or every < 1 or not 0 <= rho <= 1 or not 0 <= floor * len(terms) <= 1:
+            raise RlxError("reward.calibration and reward.every must be >= 1, reward.rho in [0, 1] and "
+                           "reward.floor at most 1 / the number of terms")
+        self.priority = torch.tensor([float(priority.get(n, 1.0)) for n in self.names])
+        self.calibration, self.every, self.tau, self.rho, self.floor, self.eps = calibration, every, tau, rho, floor, eps
+        self.adaptive = adaptive
+        k = len(self.names)
+        self.weights = torch.full((k,), 1.0 / k)
+        self.sums, self.squares, self.count = torch.zeros(k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64), 0
+        self.calls = 0
+
+    @property
+    def frozen_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mu, s) per term over the calibration responses (s the unbiased std)."""
+        mean = self.sums / max(self.count, 1)
+        var = (self.squares - self.count * mean.square()) / max(self.count - 1, 1)
+        return mean.float(), var.clamp(min=0).sqrt().float()
+
+    def normalise(self, values: torch.Tensor) -> torch.Tensor:
+        mu, s = self.frozen_stats
+        return (values - mu[:, None]) / (s[:, None] + self.eps)
+
+    def __call__(self, responses: list[str], examples: list[dict], task, lengths=None):
+        values = torch.stack([self.terms[n](responses, examples, task, lengths).float().cpu() for n in self.names])
+        self.calls += 1
+        if self.calls <= self.calibration:  # the reference's responses: they set the frozen statistics
+            self.sums += values.double().sum(1)
+            self.squares += values.double().square().sum(1)
+            self.count += values.shape[1]
+        z = self.normalise(values)
+        if self.adaptive and self.calls > self.calibration and (self.calls - self.calibration) % self.every == 0:
+            new = tri_factor_weights(z.mean(1), self.priority, redundancy_factors(z), self.tau, self.floor)
+            self.weights = (1 - self.rho) * self.weights + self.rho * new
+        metrics = {f"reward/{n}": values[i].mean().item() for i, n in enumerate(self.names)}
+        metrics.update({f"reward/weight_{n}": self.weights[i].item() for i, n in enumerate(self.names)})
+        return (self.weights[:, None] * z).sum(0), metrics
+
+    def state_dict(self) -> dict:
+        return {"weights": self.weights, "sums": self.sums, "squares": self.squares, "count": self.count,
+                "calls": self.calls}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.weights, self.sums, self.squares = state["weights"], state["sums"], state["squares"]
+        self.count, self.calls = state["count"], state["calls"]
+
+
+def reward_state(reward) -> dict:
+    """A stateful reward's state (reward=multi's frozen statistics and weights), for the checkpoint
+    of the algorithm that holds it."""
+    return {"reward": reward.state_dict()} if hasattr(reward, "state_dict") else {}
+
+
+def load_reward_state(reward, state: dict) -> None:
+    if "reward" in state and hasattr(reward, "load_state_dict"):
+        reward.load_state_dict(state["reward"])

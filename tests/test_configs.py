@@ -24,6 +24,7 @@ NEEDS = {
     ("algo", "smpo"): None,  # the same: tests/algorithms/test_smpo.py
     ("algo", "distill"): None,  # trained teacher checkpoints: built end to end in tests/algorithms/test_distill.py
     ("reward", "length_penalty"): ["algo=grpo"],  # its budget is the RL algorithm's max_new_tokens
+    ("reward", "multi"): ["algo=grpo"],  # the same (its length term)
 }
 CASES = [(g, o) for g in GROUPS for o in group_options(g)]
 

@@ -104,3 +104,82 @@ def test_an_ensemble_of_reward_models_scores_responses(tmp_path):
     torch.testing.assert_close(got, uncertainty_weighted(views, scale=0.5)[0])
     with pytest.raises(RlxError, match="two or more"):
         UncertainRewardModel(paths[:1])
+
+
+# ---------------------------------------------------------------------------- reward=multi (Quark, provisional)
+
+
+class Values:
+    """A term returning fixed values, one per response."""
+
+    def __init__(self, *values):
+        self.values = torch.tensor(values)
+
+    def __call__(self, responses, examples, task, lengths=None):
+        return self.values
+
+
+def test_reference_frozen_normalisation_on_the_notes_toy():
+    """Frozen mu = (0.5, 10, 0.9), s = (0.1, 5, 0.05): r = (0.6, 20, 0.85) gives z = (1, 2, -1) and,
+    with equal weights, R = 2/3."""
+    from rlx.rewards import ReferenceNormalized
+
+    reward = ReferenceNormalized({"a": Values(0.4, 0.6, 0.5), "b": Values(5.0, 15.0, 10.0),
+                                  "c": Values(0.85, 0.95, 0.9)}, adaptive=False, eps=0.0)
+    reward(["x"] * 3, [EX] * 3, TASK)  # the calibration rollout: means (0.5, 10, 0.9), stds (0.1, 5, 0.05)
+    mu, s = reward.frozen_stats
+    assert mu.tolist() == pytest.approx([0.5, 10.0, 0.9]) and s.tolist() == pytest.approx([0.1, 5.0, 0.05])
+    reward.terms = {"a": Values(0.6), "b": Values(20.0), "c": Values(0.85)}
+    total, metrics = reward(["y"], [EX], TASK)
+    assert reward.normalise(torch.tensor([[0.6], [20.0], [0.85]])).flatten().tolist() == pytest.approx([1, 2, -1])
+    assert total.item() == pytest.approx(2 / 3, abs=1e-5)
+    assert reward.frozen_stats[0].tolist() == pytest.approx([0.5, 10.0, 0.9])  # frozen after calibration
+
+
+def test_tri_factor_weights_on_the_notes_toy():
+    from rlx.rewards import tri_factor_weights
+
+    w = tri_factor_weights(torch.tensor([0.0, 1.0, -1.0]), torch.tensor([1.0, 1.0, 2.0]), torch.ones(3), tau=1.0)
+    assert w.tolist() == pytest.approx([0.146963, 0.054065, 0.798973], abs=1e-6)
+    # no weakness signal, uniform priority, no redundancy: equal weights
+    assert tri_factor_weights(torch.tensor([0.3, -2.0, 1.0]), torch.ones(3), torch.ones(3), tau=0.0).tolist() == \
+        pytest.approx([1 / 3] * 3)
+
+
+def test_redundant_terms_are_down_weighted():
+    from rlx.rewards import redundancy_factors
+
+    z = torch.tensor([[1.0, -1.0, 0.5, -0.5], [2.0, -2.0, 1.0, -1.0], [1.0, 1.0, -1.0, -1.0]])  # a and b move together
+    c = redundancy_factors(z)
+    assert c[0].item() == pytest.approx(0.5) and c[1].item() == pytest.approx(0.5) and c[2].item() == pytest.approx(1.0)
+
+
+def test_a_rescaled_term_changes_nothing():
+    """Multiplying one raw reward by 100 leaves its z, the weights and the reward unchanged."""
+    from rlx.rewards import ReferenceNormalized
+
+    def run(scale):
+        g = torch.Generator().manual_seed(0)
+        batches = [torch.rand(2, 8, generator=g) for _ in range(4)]
+        reward = ReferenceNormalized({"a": None, "b": None}, every=1, rho=0.5)
+        out = []
+        for x in batches:
+            reward.terms = {"a": Values(*(x[0] * scale).tolist()), "b": Values(*x[1].tolist())}
+            out.append(reward(["r"] * 8, [EX] * 8, TASK)[0])
+        return torch.stack(out), reward.weights
+
+    (plain, w_plain), (scaled, w_scaled) = run(1.0), run(100.0)
+    torch.testing.assert_close(plain, scaled, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(w_plain, w_scaled, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(w_plain, torch.full((2,), 0.5))  # the weights did move
+
+
+def test_multi_reward_resumes_exactly_with_grpo(tmp_path):
+    from tests.support import straight_and_resumed
+
+    over = ["algo=grpo", "model=tiny", "reward=multi", "reward.every=1", "algo.group_size=2", "algo.max_new_tokens=8",
+            "optimizer.lr=1e-3"]
+    full, resumed, a, b = straight_and_resumed(tmp_path, over, steps=4, cut=2)
+    assert full["reward/weight_correct"] == resumed["reward/weight_correct"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)

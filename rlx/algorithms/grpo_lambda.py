@@ -61,6 +61,7 @@ from rlx.algorithms._rl import aggregation_weight, group_advantages
 from rlx.algorithms._sampling import Scored, sample_and_score
 from rlx.distributed import across_ranks, batch_concat
 from rlx.errors import RlxError
+from rlx.rewards import load_reward_state, reward_state
 
 MODES = ("topk", "threshold")
 LENGTH_REWARDS = ("sigmoid", "kimi")
@@ -152,10 +153,11 @@ class GRPOLambda:
         return []  # the policy only
 
     def state_dict(self) -> dict:
-        return {"queue": self._queue.state_dict()}
+        return {"queue": self._queue.state_dict(), **reward_state(self.reward)}
 
     def load_state_dict(self, state: dict) -> None:
         self._queue.load_state_dict(state.get("queue", []))
+        load_reward_state(self.reward, state)
 
     def make_batch(self, examples, state) -> dict:
         # only when the queue is empty are `examples` drawn from the stream

@@ -50,6 +50,7 @@ from rlx.algorithms._replay import Replay, minibatches
 from rlx.algorithms._rl import _MAX_LOG_RATIO, masked_mean
 from rlx.algorithms._sampling import sample_and_score
 from rlx.errors import RlxError
+from rlx.rewards import load_reward_state, reward_state
 from rlx.rollout import sequence_logprobs_and_entropy
 
 CLIPS = ("separate", "joint")
@@ -116,10 +117,11 @@ class P3O:
         return []  # no critic
 
     def state_dict(self) -> dict:
-        return {"queue": self._queue.state_dict()}
+        return {"queue": self._queue.state_dict(), **reward_state(self.reward)}
 
     def load_state_dict(self, state: dict) -> None:
         self._queue.load_state_dict(state.get("queue", []))
+        load_reward_state(self.reward, state)
 
     def make_batch(self, examples, state) -> dict:
         # only when the queue is empty are `examples` drawn from the stream
