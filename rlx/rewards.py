@@ -79,6 +79,26 @@ class WeightedSum:
         return total, metrics
 
 
+class PromptShift:
+    """A constant c(x) per prompt, drawn from N(0, scale^2) by a hash of the prompt and `seed`: what a
+    reward model trained on comparisons cannot pin down (its rewards are identified only up to such a
+    shift). Added to another term it changes no preference between two responses to one prompt, which
+    P3O ignores by construction and PPO's critic must learn (`make bench-multi` uses it)."""
+
+    def __init__(self, scale: float = 1.0, seed: int = 0):
+        self.scale, self.seed = scale, seed
+
+    def __call__(self, responses: list[str], examples: list[dict], task, lengths=None) -> torch.Tensor:
+        import hashlib
+
+        def shift(prompt: str) -> float:
+            digest = hashlib.sha256(f"{self.seed}:{prompt}".encode()).digest()
+            g = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+            return float(torch.randn(1, generator=g)) * self.scale
+
+        return torch.tensor([shift(ex["prompt"]) for ex in examples])
+
+
 class RewardModel:
     """A learned reward: a causal LM trained with `algo=rm` (see `rlx.algorithms.rm`) scores
     `prompt + response + EOS` as the logit of EOS at the last position. `checkpoint` is a

@@ -183,3 +183,13 @@ def test_multi_reward_resumes_exactly_with_grpo(tmp_path):
     assert full["reward/weight_correct"] == resumed["reward/weight_correct"]
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+def test_a_prompt_shift_is_constant_per_prompt_and_changes_no_preference():
+    from rlx.rewards import PromptShift
+
+    other = {**EX, "prompt": "2 + 2 =\n"}
+    shift = PromptShift(scale=3.0, seed=1)(["a", "bb", "ccc"], [EX, EX, other], TASK)
+    assert shift[0] == shift[1] != shift[2]  # one value per prompt, whatever the response
+    assert torch.equal(shift, PromptShift(scale=3.0, seed=1)(["x", "y", "z"], [EX, EX, other], TASK))
+    assert not torch.equal(shift, PromptShift(scale=3.0, seed=2)(["a", "bb", "ccc"], [EX, EX, other], TASK))

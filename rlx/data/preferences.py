@@ -16,6 +16,11 @@ chosen side is always the concise, correct trace. Each pair has one `kind`, draw
   Arithmetic sources only.
 * "format": the rejected trace lacks its final `#### answer` line. The scorer falls back to the
   last number, which is still right, so this pair is about format, not correctness.
+* `verbose_bias` (a share in [0, 1]): that share of the training split's "long" pairs is flipped,
+  the re-checked trace marked chosen (and flagged "biased"), as annotators who equate length with
+  care would label them. A reward model trained on them over-rewards verbosity while still telling
+  right from wrong: the imperfect proxy that constrained RLHF and Ctrl-U are about. Held-out pairs
+  keep the true preference.
 * "careful": the one kind whose chosen side is not concise: the right answer with every step
   re-checked, against a concise slipped trace. Correctness prefers the chosen side, brevity the
   rejected one: the conflict multi-objective methods (algo=raco) are about. Not for ties or
@@ -124,7 +129,7 @@ class ReasoningPairs:
     name = "reasoning_pairs"
 
     def __init__(self, kinds: Sequence[str] = ("wrong", "long"), ties: float = 0.0, cross_prompt: bool = False,
-                 fail_fail_ties: bool = False, **reasoning_task_kwargs):
+                 fail_fail_ties: bool = False, verbose_bias: float = 0.0, **reasoning_task_kwargs):
         self.kinds = [kinds] if isinstance(kinds, str) else list(kinds)
         if not self.kinds or not set(self.kinds) <= set(KINDS):
             raise RlxError(f"preference kinds {self.kinds} are not all known: choose from {', '.join(KINDS)}")
@@ -135,7 +140,11 @@ class ReasoningPairs:
                            "cross-prompt pairing, which label concise traces")
         if (cross_prompt or fail_fail_ties) and "wrong" not in self.kinds:
             raise RlxError("data.cross_prompt and data.fail_fail_ties pair slipped (wrong) traces: add 'wrong' to data.kinds")
+        if not 0.0 <= verbose_bias <= 1.0 or (verbose_bias and (ties or cross_prompt)):
+            raise RlxError(f"data.verbose_bias={verbose_bias} is the share of 'long' pairs flipped, in [0, 1], "
+                           "and not for ties or cross-prompt pairing")
         self.ties, self.cross_prompt, self.fail_fail_ties = ties, cross_prompt, fail_fail_ties
+        self.verbose_bias = verbose_bias
         self.task = _KeyedReasoningTask(**reasoning_task_kwargs)
         self.seed = self.task.seed
 
@@ -161,6 +170,10 @@ class ReasoningPairs:
                     break
         if self.task.split(split) and not pairs:
             raise RlxError(f"no {split} problem gives a pair of kinds {self.kinds}: add a kind that applies")
+        if self.verbose_bias and split == "train":  # held-out pairs keep the true preference
+            flip = random.Random(_derived_seed(self.seed, split, "verbose"))
+            pairs = [{**p, "chosen": p["rejected"], "rejected": p["chosen"], "completion": p["rejected"], "biased": True}
+                     if p["kind"] == "long" and flip.random() < self.verbose_bias else p for p in pairs]
         if not (self.ties or self.cross_prompt):
             return pairs  # today's pairs, untouched
         # Own seeded streams, so the win pairs above are the same whatever these options are.

@@ -160,3 +160,18 @@ def test_bad_tie_settings_are_clear_errors():
         ReasoningPairs(ties=1.0)
     with pytest.raises(RlxError, match="wrong"):
         ReasoningPairs(kinds=("long",), cross_prompt=True)
+
+
+def test_verbose_bias_flips_the_share_of_long_training_pairs():
+    from rlx.data.preferences import ReasoningPairs
+
+    plain = ReasoningPairs(num_train=400, num_validation=40, num_test=40)
+    biased = ReasoningPairs(num_train=400, num_validation=40, num_test=40, verbose_bias=0.5)
+    pairs, flipped = plain.split("train"), biased.split("train")
+    assert len(pairs) == len(flipped)
+    long_pairs = [(a, b) for a, b in zip(pairs, flipped) if a["kind"] == "long"]
+    swapped = [b for a, b in long_pairs if b.get("biased")]
+    assert 0.35 < len(swapped) / len(long_pairs) < 0.65
+    assert all(b["chosen"].count("check:") > b["rejected"].count("check:") for b in swapped)  # the longer one wins
+    assert all(a == b for a, b in zip(pairs, flipped) if a["kind"] != "long")
+    assert biased.split("validation") == plain.split("validation")  # held-out pairs keep the true preference
