@@ -2,7 +2,7 @@
 on it: per-difficulty accuracy of its SFT base, a long tail of sampled lengths, how much of that
 length is removable without error, and the share of an RL step spent generating.
 
-    python scripts/bench_hard_task.py                 # builds model=tiny_sft_hard first if needed (10-20 min)
+    python scripts/bench_hard_task.py                 # builds model=tiny_sft_hard first if needed (60-90 min)
     python scripts/bench_hard_task.py --report        # re-render the section from the JSON
 
 Measured on `model=tiny_sft_hard` (the tiny model after SFT on the task, `python -m rlx.base --name
