@@ -37,6 +37,30 @@ class Replay:
         self.minibatches = list(minibatches)
 
 
+class ReplayedRollouts:
+    """The members of the algorithm contract that every critic-free online algorithm shares (GRPO,
+    DLER, DRPO, GRPO-lambda, DOT, P3O): it trains the policy only, hands out its rollout's minibatches
+    from `self._queue` (sampling `self._rollout(examples, state)` only when the queue is empty, so
+    the stream draws nothing meanwhile), and checkpoints the queue and a stateful `self.reward`."""
+
+    def param_groups(self) -> list[dict]:
+        return []  # the policy only
+
+    def state_dict(self) -> dict:
+        from rlx.rewards import reward_state
+
+        return {"queue": self._queue.state_dict(), **reward_state(self.reward)}
+
+    def load_state_dict(self, state: dict) -> None:
+        from rlx.rewards import load_reward_state
+
+        self._queue.load_state_dict(state.get("queue", []))
+        load_reward_state(self.reward, state)
+
+    def make_batch(self, examples, state) -> dict:
+        return self._queue.next(lambda: self._rollout(examples, state), state.model.device)
+
+
 def minibatches(data: dict, parts: int, weight: Callable[[Tensor], int], metrics: dict, *, mask: str = "response_mask",
                 epochs: int = 1, group_size: int = 1, shuffle: bool = True) -> list[dict]:
     """`epochs` passes over the rows of `data`, each cut into `parts` minibatches of whole groups of

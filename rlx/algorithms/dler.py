@@ -59,12 +59,11 @@ from rlx.algorithms._group import (
     policy_term,
     rollout_tensors,
 )
-from rlx.algorithms._replay import Replay
+from rlx.algorithms._replay import Replay, ReplayedRollouts
 from rlx.algorithms._rl import aggregation_weight, group_advantages
 from rlx.algorithms._sampling import Scored, sample_and_score
 from rlx.distributed import batch_concat
 from rlx.errors import RlxError
-from rlx.rewards import load_reward_state, reward_state
 
 
 def truncation_rewards(rewards: Tensor, correct: Tensor, lengths: Tensor, finished: Tensor, group_size: int,
@@ -79,7 +78,7 @@ def truncation_rewards(rewards: Tensor, correct: Tensor, lengths: Tensor, finish
     return gated.masked_fill(over, 0.0)
 
 
-class DLER:
+class DLER(ReplayedRollouts):
     needs_trained_model = True
 
     def __init__(
@@ -125,20 +124,6 @@ class DLER:
         self.engine, self.is_correction, self.is_clip_min, self.is_clip_max = engine or None, is_correction, \
             is_clip_min, is_clip_max
         self._queue = Replay()  # the minibatches of a rollout still being replayed
-
-    def param_groups(self) -> list[dict]:
-        return []  # the policy only
-
-    def state_dict(self) -> dict:
-        return {"queue": self._queue.state_dict(), **reward_state(self.reward)}
-
-    def load_state_dict(self, state: dict) -> None:
-        self._queue.load_state_dict(state.get("queue", []))
-        load_reward_state(self.reward, state)
-
-    def make_batch(self, examples, state) -> dict:
-        # only when the queue is empty are `examples` drawn from the stream
-        return self._queue.next(lambda: self._rollout(examples, state), state.model.device)
 
     def _sample(self, examples, state) -> Scored:
         """Every draw is gated before dynamic sampling looks at it: an all-truncated group is an

@@ -88,7 +88,7 @@ from rlx.algorithms._group import (
     keep_groups,
     rollout_tensors,
 )
-from rlx.algorithms._replay import Replay
+from rlx.algorithms._replay import Replay, ReplayedRollouts
 from rlx.algorithms._rl import _MAX_LOG_RATIO, aggregation_weight, group_advantages, masked_mean
 from rlx.algorithms._sampling import Scored, sample_and_score
 from rlx.data.stream import draw_more
@@ -195,7 +195,7 @@ def kl_cov_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask
 # ---------------------------------------------------------------------------- the algorithm
 
 
-class DOT:
+class DOT(ReplayedRollouts):
     needs_trained_model = True
 
     def __init__(
@@ -239,19 +239,12 @@ class DOT:
         self._pass_rates: list[float] = []  # PDS: groups kept / groups sampled, newest last
         self._queue = Replay()  # the minibatches of a rollout still being replayed
 
-    def param_groups(self) -> list[dict]:
-        return []  # the policy only
-
     def state_dict(self) -> dict:
-        return {"queue": self._queue.state_dict(), "pass_rates": list(self._pass_rates)}
+        return {**super().state_dict(), "pass_rates": list(self._pass_rates)}
 
     def load_state_dict(self, state: dict) -> None:
-        self._queue.load_state_dict(state.get("queue", []))
+        super().load_state_dict(state)
         self._pass_rates = list(state.get("pass_rates", []))
-
-    def make_batch(self, examples, state) -> dict:
-        # only when the queue is empty are `examples` drawn from the stream
-        return self._queue.next(lambda: self._rollout(examples, state), state.model.device)
 
     # ------------------------------------------------------------------ the cut
 

@@ -62,11 +62,10 @@ import torch
 from torch import Tensor
 
 from rlx.algorithms._group import check_settings, group_minibatches, rollout_tensors
-from rlx.algorithms._replay import Replay
+from rlx.algorithms._replay import Replay, ReplayedRollouts
 from rlx.algorithms._rl import masked_mean
 from rlx.algorithms._sampling import Scored, sample_and_score
 from rlx.errors import RlxError
-from rlx.rewards import load_reward_state, reward_state
 from rlx.rollout import sequence_logprobs_and_entropy
 
 # ---------------------------------------------------------------------------- the objective
@@ -130,7 +129,7 @@ def drpo_loss(logprobs: Tensor, old_logprobs: Tensor, mask: Tensor, correct: Ten
 # ---------------------------------------------------------------------------- the algorithm
 
 
-class DRPO:
+class DRPO(ReplayedRollouts):
     needs_trained_model = True
 
     def __init__(
@@ -157,20 +156,6 @@ class DRPO:
         self.temperature, self.top_p, self.minibatches = temperature, top_p, minibatches
         self.lam, self.tau, self.delta, self.beta = lam, tau, delta, beta
         self._queue = Replay()  # the minibatches of a rollout still being replayed
-
-    def param_groups(self) -> list[dict]:
-        return []  # the policy only
-
-    def state_dict(self) -> dict:
-        return {"queue": self._queue.state_dict(), **reward_state(self.reward)}
-
-    def load_state_dict(self, state: dict) -> None:
-        self._queue.load_state_dict(state.get("queue", []))
-        load_reward_state(self.reward, state)
-
-    def make_batch(self, examples, state) -> dict:
-        # only when the queue is empty are `examples` drawn from the stream
-        return self._queue.next(lambda: self._rollout(examples, state), state.model.device)
 
     @torch.no_grad()
     def _rollout(self, examples, state) -> list[dict]:

@@ -69,14 +69,13 @@ from rlx.algorithms._group import (
     policy_term,
     rollout_tensors,
 )
-from rlx.algorithms._replay import Replay
+from rlx.algorithms._replay import Replay, ReplayedRollouts
 from rlx.algorithms._rl import aggregation_weight, group_advantages
 from rlx.algorithms._sampling import Scored, sample_and_score
 from rlx.distributed import batch_concat
-from rlx.rewards import load_reward_state, reward_state
 
 
-class GRPO:
+class GRPO(ReplayedRollouts):
     needs_trained_model = True
 
     def __init__(
@@ -115,20 +114,6 @@ class GRPO:
         self.engine, self.is_correction, self.is_clip_min, self.is_clip_max = engine or None, is_correction, \
             is_clip_min, is_clip_max
         self._queue = Replay()  # the minibatches of a rollout still being replayed
-
-    def param_groups(self) -> list[dict]:
-        return []  # the policy only
-
-    def state_dict(self) -> dict:
-        return {"queue": self._queue.state_dict(), **reward_state(self.reward)}
-
-    def load_state_dict(self, state: dict) -> None:
-        self._queue.load_state_dict(state.get("queue", []))
-        load_reward_state(self.reward, state)
-
-    def make_batch(self, examples, state) -> dict:
-        # only when the queue is empty are `examples` drawn from the stream
-        return self._queue.next(lambda: self._rollout(examples, state), state.model.device)
 
     def _sample(self, examples, state) -> Scored:
         return sample_and_score(examples, state, self.reward, n=self.group_size, max_new_tokens=self.max_new_tokens,

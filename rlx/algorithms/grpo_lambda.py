@@ -56,12 +56,11 @@ from rlx.algorithms._group import (
     policy_term,
     rollout_tensors,
 )
-from rlx.algorithms._replay import Replay
+from rlx.algorithms._replay import Replay, ReplayedRollouts
 from rlx.algorithms._rl import aggregation_weight, group_advantages
 from rlx.algorithms._sampling import Scored, sample_and_score
 from rlx.distributed import across_ranks, batch_concat
 from rlx.errors import RlxError
-from rlx.rewards import load_reward_state, reward_state
 
 MODES = ("topk", "threshold")
 LENGTH_REWARDS = ("sigmoid", "kimi")
@@ -96,7 +95,7 @@ def kimi_length_reward(lengths: Tensor, correct: Tensor, alpha: float = 1.0) -> 
     return torch.where(correct > 0, 1 + alpha * lam, alpha * lam.clamp(max=0))
 
 
-class GRPOLambda:
+class GRPOLambda(ReplayedRollouts):
     needs_trained_model = True
 
     def __init__(
@@ -148,20 +147,6 @@ class GRPOLambda:
         self.engine, self.is_correction, self.is_clip_min, self.is_clip_max = engine or None, is_correction, \
             is_clip_min, is_clip_max
         self._queue = Replay()  # the minibatches of a rollout still being replayed
-
-    def param_groups(self) -> list[dict]:
-        return []  # the policy only
-
-    def state_dict(self) -> dict:
-        return {"queue": self._queue.state_dict(), **reward_state(self.reward)}
-
-    def load_state_dict(self, state: dict) -> None:
-        self._queue.load_state_dict(state.get("queue", []))
-        load_reward_state(self.reward, state)
-
-    def make_batch(self, examples, state) -> dict:
-        # only when the queue is empty are `examples` drawn from the stream
-        return self._queue.next(lambda: self._rollout(examples, state), state.model.device)
 
     def shaped_rewards(self, rewards: Tensor, correct: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         """(rewards with S's groups length-penalised, the bool [K] selection S)."""

@@ -46,11 +46,10 @@ import torch
 from torch import Tensor
 
 from rlx.algorithms._group import frozen, rollout_tensors
-from rlx.algorithms._replay import Replay, minibatches
+from rlx.algorithms._replay import Replay, ReplayedRollouts, minibatches
 from rlx.algorithms._rl import _MAX_LOG_RATIO, masked_mean
 from rlx.algorithms._sampling import sample_and_score
 from rlx.errors import RlxError
-from rlx.rewards import load_reward_state, reward_state
 from rlx.rollout import sequence_logprobs_and_entropy
 
 CLIPS = ("separate", "joint")
@@ -94,7 +93,7 @@ def p3o_loss(seq_log_ratio: Tensor, delta: Tensor, eps: float = 0.2, clip: str =
 # ---------------------------------------------------------------------------- the algorithm
 
 
-class P3O:
+class P3O(ReplayedRollouts):
     needs_trained_model = True
 
     def __init__(self, reward, max_new_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0,
@@ -112,20 +111,6 @@ class P3O:
         self.eps, self.clip, self.beta, self.reference = eps, clip, beta, frozen(reference)
         self.epochs, self.minibatches = epochs, minibatches
         self._queue = Replay()  # the minibatches of a rollout still being replayed
-
-    def param_groups(self) -> list[dict]:
-        return []  # no critic
-
-    def state_dict(self) -> dict:
-        return {"queue": self._queue.state_dict(), **reward_state(self.reward)}
-
-    def load_state_dict(self, state: dict) -> None:
-        self._queue.load_state_dict(state.get("queue", []))
-        load_reward_state(self.reward, state)
-
-    def make_batch(self, examples, state) -> dict:
-        # only when the queue is empty are `examples` drawn from the stream
-        return self._queue.next(lambda: self._rollout(examples, state), state.model.device)
 
     @torch.no_grad()
     def _rollout(self, examples, state) -> list[dict]:
