@@ -138,14 +138,16 @@ def summarise(runs: list[dict]) -> dict[str, dict]:
     return {m: {"seeds": len(rs), **{k: mean_se([r[k] for r in rs]) for k in keys}} for m, rs in by.items()}
 
 
-def throughput(r: dict) -> dict:
+def throughput(r: dict, prompts: int = PROMPTS, minibatches: int = MINIBATCHES) -> dict:
     """A PPO or T-PPO run's wall-clock figures: responses finished and trained on, seconds, their
-    rates, and the share of the time spent generating."""
+    rates, and the share of the time spent generating (`prompts` per rollout and `minibatches` per
+    rollout are the calling benchmark's)."""
     steps, total = r["steps"], r["curve"][-1]["time_s"]
     means = r["training_means"]
-    # PPO: every rollout finishes PROMPTS x 8 responses; T-PPO logs how many finished per window
-    responses = means["rl/finished"] * steps if r["method"] == "tppo" else steps / MINIBATCHES * PROMPTS * 8
-    rollout_steps = steps if r["method"] == "tppo" else steps / MINIBATCHES
+    samples = next((int(o.split("=")[1]) for o in r.get("overrides", []) if o.startswith("algo.samples_per_prompt=")), 8)
+    # PPO: every rollout finishes prompts x samples responses; T-PPO logs how many finished per window
+    responses = means["rl/finished"] * steps if r["method"] == "tppo" else steps / minibatches * prompts * samples
+    rollout_steps = steps if r["method"] == "tppo" else steps / minibatches
     return {"responses": responses, "seconds": total, "responses_per_s": responses / total,
             "tokens_per_s": r["curve"][-1]["tokens"] / total,
             "generation_share": means["rl/rollout_s"] * rollout_steps / total}
