@@ -2,6 +2,7 @@
 
     make bench-length-hard                                 # = python scripts/bench_length_hard.py
     python scripts/bench_length_hard.py --runs grpo dler_da --seeds 0
+    python scripts/bench_length_hard.py --probes           # the papers' settings (PROBES), one seed each
     python scripts/bench_length_hard.py --report           # re-render the tables and plots from the JSON
 
 The embedded frontier (bench_length_rl) could not separate the length methods: there shortening only
@@ -53,8 +54,6 @@ METHODS = {
     "grpo": ["algo=grpo", *CAP, *FAMILY],
     "naive_lp": ["algo=grpo", *CAP, "reward=length_penalty", "reward.weights.length=0.5", *FAMILY],
     "naive_lp_strong": ["algo=grpo", *CAP, "reward=length_penalty", "reward.weights.length=2.0", *FAMILY],
-    # 8 |o| / 480: a 70-token hard answer costs more than a hard item's expected correctness (~0.3)
-    "naive_lp_harsh": ["algo=grpo", *CAP, "reward=length_penalty", "reward.weights.length=8.0", *FAMILY],
     "dler": ["algo=dler", "algo.max_new_tokens=128", *FAMILY],
     "dler_da": ["algo=dler", "algo.max_new_tokens=128", "algo.difficulty_aware=true", "algo.easy_budget=64", *FAMILY],
     "drpo": ["algo=drpo", *CAP, *FAMILY],
@@ -251,7 +250,7 @@ def render(result: dict) -> str:
         ratio = pair["ppo"]["seconds"][0] / pair["tppo"]["seconds"][0] * pair["tppo"]["responses"][0] / \
             pair["ppo"]["responses"][0]
         lines += ["", f"T-PPO's throughput is {ratio:.2f}x PPO's in finished responses per second.", ""]
-    lines += render_probes(result.get("probes", []))
+    lines += render_probes(result.get("probes", []), result.get("probes_base"))
     m = result["machine"]
     lines += ["![accuracy against length per difficulty](length_frontier_hard.png)", "",
               "What each method achieved on each difficulty: [length_rl.md](length_rl.md#the-hard-task-what-the-rerun-shows).", "",
@@ -260,15 +259,22 @@ def render(result: dict) -> str:
     return "\n".join(lines)
 
 
-def render_probes(probes: list[dict]) -> list[str]:
-    """The PROBES' table: one seed each, `python scripts/bench_length_hard.py --probes`."""
+def render_probes(probes: list[dict], base: dict | None) -> list[str]:
+    """The PROBES' table: one seed each, `python scripts/bench_length_hard.py --probes`, and the base
+    they started from where it is not the one of the table above."""
     if not probes:
         return []
     by = {p["probe"]: p for p in probes}
     lines = ["What the papers' settings imply, tried on one seed each (`python scripts/bench_length_hard.py "
              f"--probes`, {max(p['probe_date'] for p in probes)}): PPO and T-PPO with 16 samples per prompt "
              "(10 rollouts), DOT at the paper's group size 32 and alpha 3 (2 prompts a rollout, the same 64 "
-             "responses).", "",
+             "responses)."]
+    if base:
+        lines[-1] += (" They started from another build of `tiny_sft_hard` (sampled accuracy easy "
+                      f"{base['easy']['accuracy']:.1%}, hard {base['hard']['accuracy']:.1%}; greedy easy "
+                      f"{base['easy']['greedy_accuracy']:.1%}, hard {base['hard']['greedy_accuracy']:.1%}; mean length "
+                      f"{base['mean_len']:.0f} tokens): compare them with each other, not with the table above.")
+    lines += ["",
              "| probe | overrides | responses / s | generating | rows cut / rollout | sampled acc. | easy len | "
              "hard acc. | hard len |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name in PROBES:
