@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # the embedded frontier's shared pieces
-from bench_length_rl import curve, fmt, training_means  # noqa: E402
+from bench_length_rl import curve, fmt, training_means, wallclock_figure  # noqa: E402
 from bench_length_rl import throughput as _throughput  # noqa: E402
 
 from rlx.benchmark import Bench, machine_line, pyplot, trained  # noqa: E402
@@ -310,20 +310,7 @@ def plot(result: dict) -> None:
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7)
     bench.save_figure(fig, "length_frontier_hard.png")
-    curves = {m: [r for r in result["runs"] if r["method"] == m] for m in RL_PAIR}
-    if all(curves.values()):
-        fig, ax = pyplot().subplots(figsize=(6.5, 4.5))
-        for method, runs in curves.items():
-            for r in runs:
-                pts = [p for p in r["curve"] if p["accuracy"] is not None]
-                acc = [sum(p["accuracy"] for p in pts[max(0, i - 4):i + 1]) / len(pts[max(0, i - 4):i + 1])
-                       for i in range(len(pts))]
-                ax.plot([p["time_s"] for p in pts], acc, color="C0" if method == "ppo" else "C1",
-                        alpha=0.8, label=f"{method} seed {r['seed']}")
-        ax.set(xlabel="wall-clock seconds (rollout + update)", ylabel="training accuracy (moving average of 5 steps)",
-               title="PPO and T-PPO on the hard task")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    if fig := wallclock_figure(result["runs"], "PPO and T-PPO on the hard task"):
         bench.save_figure(fig, "tppo_wallclock_hard.png")
 
 

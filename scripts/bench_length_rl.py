@@ -225,18 +225,30 @@ def plot(result: dict) -> None:
     ax.set(xlabel="mean response length (tokens, sampled at T = 1)", ylabel="sampled accuracy (%)",
            title="Accuracy-length frontier on the embedded task")
     _save(fig, ax, "length_frontier.png")
-    curves = {m: [r for r in result["runs"] if r["method"] == m] for m in RL_PAIR}
-    if all(curves.values()):
-        fig, ax = pyplot().subplots(figsize=(6.5, 4.5))
-        for method, runs in curves.items():
-            for r in runs:
-                pts = [p for p in r["curve"] if p["accuracy"] is not None]
-                acc = [sum(p["accuracy"] for p in pts[max(0, i - 4):i + 1]) / len(pts[max(0, i - 4):i + 1])
-                       for i in range(len(pts))]
-                ax.plot([p["time_s"] for p in pts], acc, color="C0" if method == "ppo" else "C1",
-                        alpha=0.8, label=f"{method} seed {r['seed']}")
-        ax.set(xlabel="wall-clock seconds (rollout + update)", ylabel="training accuracy (moving average of 5 steps)")
-        _save(fig, ax, "tppo_wallclock.png")
+    if fig := wallclock_figure(result["runs"]):
+        bench.save_figure(fig, "tppo_wallclock.png")
+
+
+def wallclock_figure(runs: list[dict], title: str | None = None):
+    """PPO's and T-PPO's training accuracy (moving average of 5 steps) against wall-clock seconds,
+    one line per seed (bench_length_hard draws its own with this); None without both methods."""
+    curves = {m: [r for r in runs if r["method"] == m] for m in RL_PAIR}
+    if not all(curves.values()):
+        return None
+    fig, ax = pyplot().subplots(figsize=(6.5, 4.5))
+    for method, rs in curves.items():
+        for r in rs:
+            pts = [p for p in r["curve"] if p["accuracy"] is not None]
+            acc = [sum(p["accuracy"] for p in pts[max(0, i - 4):i + 1]) / len(pts[max(0, i - 4):i + 1])
+                   for i in range(len(pts))]
+            ax.plot([p["time_s"] for p in pts], acc, color="C0" if method == "ppo" else "C1",
+                    alpha=0.8, label=f"{method} seed {r['seed']}")
+    ax.set(xlabel="wall-clock seconds (rollout + update)", ylabel="training accuracy (moving average of 5 steps)")
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
 
 
 def _save(fig, ax, name: str) -> None:
