@@ -369,8 +369,12 @@ class Bench:
             result = self.record(**(fields(runs) if callable(fields) else fields or {}), runs=runs)
         return result
 
-    def save_figure(self, fig, name: str) -> None:
-        """<out>/<name> at the resolution every benchmark plot uses; the figure is closed."""
+    def save_figure(self, fig, name: str, ax=None) -> None:
+        """<out>/<name> at the resolution every benchmark plot uses; the figure is closed. With `ax`,
+        that axis gets the plots' usual light grid and small legend first."""
+        if ax is not None:
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
         fig.tight_layout()
         self.dir.mkdir(parents=True, exist_ok=True)
         fig.savefig(self.dir / name, dpi=120)

@@ -224,7 +224,7 @@ def plot(result: dict) -> None:
                     fmt="o", capsize=3, label=method)
     ax.set(xlabel="mean response length (tokens, sampled at T = 1)", ylabel="sampled accuracy (%)",
            title="Accuracy-length frontier on the embedded task")
-    _save(fig, ax, "length_frontier.png")
+    bench.save_figure(fig, "length_frontier.png", ax)
     if fig := wallclock_figure(result["runs"]):
         bench.save_figure(fig, "tppo_wallclock.png")
 
@@ -249,12 +249,6 @@ def wallclock_figure(runs: list[dict], title: str | None = None):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return fig
-
-
-def _save(fig, ax, name: str) -> None:
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    bench.save_figure(fig, name)
 
 
 if __name__ == "__main__":

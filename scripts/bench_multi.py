@@ -300,7 +300,7 @@ def plot(result: dict) -> None:
                 ax.annotate(f"w={w}", (x, y), fontsize=7, color=line.get_color(), xytext=(3, 3),
                             textcoords="offset points")
     ax.set(xlabel="sampled length (tokens)", ylabel="sampled accuracy (%)", title="Correctness against brevity")
-    _save(fig, ax, "multi_front.png")
+    bench.save_figure(fig, "multi_front.png", ax)
 
     # Over-optimisation: the proxy climbs while the checker's accuracy falls, per step (seed mean,
     # moving average of 5 steps: one rollout of 128 samples is noisy)
@@ -316,7 +316,7 @@ def plot(result: dict) -> None:
     left.set(xlabel="step", ylabel="proxy reward (mean over the rollout)", title="What the policy optimises")
     right.set(xlabel="step", ylabel="checker accuracy of the samples (%)", title="What it was meant to improve")
     left.grid(alpha=0.3)
-    _save(fig, right, "overoptimisation.png")
+    bench.save_figure(fig, "overoptimisation.png", right)
 
     fig, ax = pyplot().subplots(figsize=(6, 4.5))
     for a, colour in (("p3o", "C0"), ("ppo", "C1")):
@@ -328,13 +328,7 @@ def plot(result: dict) -> None:
                             yerr=[100 * y[1] for _, y in pts], fmt=marker, color=colour, capsize=3, alpha=0.8,
                             label=a.upper() + (" (shifted reward)" if sh else "") + f", beta {BETAS}")
     ax.set(xlabel="KL(pi || pi_ref) (nats per response)", ylabel="greedy accuracy (%)", title="KL-reward frontier")
-    _save(fig, ax, "p3o_frontier.png")
-
-
-def _save(fig, ax, name: str) -> None:
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    bench.save_figure(fig, name)
+    bench.save_figure(fig, "p3o_frontier.png", ax)
 
 
 if __name__ == "__main__":
