@@ -48,6 +48,18 @@ def is_built(target: Path | None = None) -> bool:
     return ((target or base_dir()) / "config.json").exists()
 
 
+def weights_digest(name: str = "tiny-sft", folder: Path | None = None) -> str:
+    """The first 12 hex digits of the SHA-256 of the base's weights (or of those in `folder`): which
+    build a result was measured on."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open((folder or base_dir(name)) / "model.safetensors", "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:12]
+
+
 def ensure_base(overrides: list[str] | tuple[str, ...] = (), name: str = "tiny-sft") -> Path:
     """The cached SFT base `name`, built first (once, under a lock) if it is not there yet."""
     target = base_dir(name)
@@ -91,7 +103,8 @@ def build_base(overrides: list[str], name: str = "tiny-sft") -> dict:
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(find_checkpoint(run_dir), tmp)
-    (tmp / "base.json").write_text(json.dumps({"overrides": overrides, **summary}, indent=2) + "\n")
+    (tmp / "base.json").write_text(json.dumps({"overrides": overrides, "weights_sha256": weights_digest(folder=tmp),
+                                               **summary}, indent=2) + "\n")
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
     print(f"SFT base model: {target}  (eval/accuracy {summary.get('eval/accuracy', float('nan')):.3f})")

@@ -357,16 +357,31 @@ class Bench:
         """Measure `run(*item)` for each item; each new run replaces an earlier one with the same `key`
         fields (sorted by `order` of the first key where given), and the runs are recorded after every
         run with `fields` (or `fields(runs)`), so nothing is lost if the benchmark is stopped. Prints the
-        run's key and its `show` metrics as it goes; returns the last result."""
+        run's key and its `show` metrics as it goes; returns the last result.
+
+        Several processes may sweep into the same JSON at once (e.g. one per seed on a multi-core
+        machine): each record is written under a file lock and takes in the runs another process
+        recorded meanwhile (those on disk that differ from what was there when this sweep began)."""
+        from filelock import FileLock
+
+        ident = lambda r: json.dumps([r.get(k) for k in key])
+        at_start = {ident(r): r for r in self.load().get("runs", [])}
+        mine: set[str] = set()
         result = self.load()
         for item in items:
             r = run(*item) if isinstance(item, tuple) else run(item)
             shown = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k in show if (v := metric(r, k)) == v]
             print(" ".join(str(r[k]) for k in key if k in r) + ": " + ", ".join(shown), flush=True)
-            runs = upsert(runs, r, *key)
-            if order:
-                runs.sort(key=lambda x: order.index(x[key[0]]) if x[key[0]] in order else len(order))
-            result = self.record(**(fields(runs) if callable(fields) else fields or {}), runs=runs)
+            mine.add(ident(r))
+            self.json_path.parent.mkdir(parents=True, exist_ok=True)
+            with FileLock(str(self.json_path) + ".lock"):
+                for other in self.load().get("runs", []):
+                    if ident(other) not in mine and other != at_start.get(ident(other)):
+                        runs = upsert(runs, other, *key)
+                runs = upsert(runs, r, *key)
+                if order:
+                    runs.sort(key=lambda x: order.index(x[key[0]]) if x[key[0]] in order else len(order))
+                result = self.record(**(fields(runs) if callable(fields) else fields or {}), runs=runs)
         return result
 
     def save_figure(self, fig, name: str, ax=None) -> None:

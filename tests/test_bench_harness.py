@@ -109,6 +109,25 @@ def test_sweep_records_after_every_run(tmp_path, capsys):
     assert f"b 0: eval/perplexity {math.exp(0.25):.4g}" in capsys.readouterr().out
 
 
+def test_concurrent_sweeps_into_one_json_keep_each_others_runs(tmp_path):
+    """Two processes sweeping different seeds into one JSON: the second writer does not drop the runs
+    the first recorded meanwhile, and runs an earlier budget dropped stay dropped."""
+    first, _, _ = toy(tmp_path)
+    first.parse(["--out", str(tmp_path)])
+    first.record(runs=[{"name": "old", "seed": 0}])  # recorded under another budget, dropped below
+    other, _, _ = toy(tmp_path)
+    other.parse(["--out", str(tmp_path)])
+
+    def run(name, seed):
+        if seed == 0:  # while this run trains, another process records seeds 1 and 2
+            other.sweep(lambda n, s: {"name": n, "seed": s}, [("a", 1), ("b", 2)], ("name", "seed"), [])
+        return {"name": name, "seed": seed}
+
+    result = first.sweep(run, [("a", 0), ("b", 0)], ("name", "seed"), [], lambda runs: {"n": len(runs)})
+    assert sorted((r["name"], r["seed"]) for r in result["runs"]) == [("a", 0), ("a", 1), ("b", 0), ("b", 2)]
+    assert first.load() == result and result["n"] == 4
+
+
 def test_time_calls_wraps_and_restores():
     import types
 
