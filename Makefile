@@ -110,9 +110,13 @@ bench-hard:
 	$(PY) scripts/bench_hard_task.py
 
 # The accuracy-length frontier rerun on data=reasoning_hard, per difficulty, and PPO vs T-PPO
-# (about 2 hours on 2 CPU cores; builds model=tiny_sft_hard first if needed).
+# (about an hour on 2 CPU cores; builds model=tiny_sft_hard first if needed)
+# (the GRPO family in two one-thread processes, one per core; PPO against T-PPO alone, for its wall-clock)
 bench-length-hard:
-	$(PY) scripts/bench_length_hard.py
+	OMP_NUM_THREADS=1 $(PY) scripts/bench_length_hard.py --runs grpo naive_lp_harsh naive_lp_extreme dler drpo dot & a=$$!; \
+	OMP_NUM_THREADS=1 $(PY) scripts/bench_length_hard.py --runs naive_lp naive_lp_strong dler_da grpo_lambda & b=$$!; \
+	wait $$a && wait $$b
+	$(PY) scripts/bench_length_hard.py --runs ppo tppo
 
 # Multi-objective RL: RACO's front against linear scalarisation, over-optimising a proxy reward model
 # (GRPO, constrained, Ctrl-U), P3O against PPO on the KL-reward frontier, Quark's weighting on mis-scaled

@@ -14,6 +14,8 @@ tiny-sft-hard`) and the task's validation split (`--problems` of them, 40% hard)
                       p50/p90/p99/max and max/median, per difficulty; accuracy of the samples
     removable         the share of sampled tokens in re-check lines ("check: ..."), and the accuracy of
                       the samples with those lines cut out (equal: the answer needs none of them)
+    shortcuts         the share of samples with fewer step lines than the problem needs, and how
+                      often those are right: the short answers a length reward could reinforce
     generation share  `--rl-steps` GRPO steps (group 8, 4 prompts, 480 new tokens) from the base: the
                       sampler's seconds (rl/rollout_s) over the step's (time/batch_s + time/update_s)
 Writes docs/results/bench_hard_task.json and the "The hard reasoning task" section of docs/RESULTS.md.
@@ -45,7 +47,13 @@ def without_checks(text: str) -> str:
     return "\n".join(line for line in text.split("\n") if not line.strip().startswith("check:"))
 
 
+def step_lines(text: str) -> int:
+    """The trace's arithmetic steps ("a + b = c" lines), re-checks left out."""
+    return sum("=" in line and not line.strip().startswith("check:") for line in text.split("\n"))
+
+
 def measure(args) -> dict:
+    from rlx.base import weights_digest
     from rlx.config import build, compose_config
     from rlx.evaluate import answers, sampled_answers
     from rlx.models import tiny_sft
@@ -58,6 +66,7 @@ def measure(args) -> dict:
            "traces": {**quantiles(trace_len), **{f"recheck_{k}": sum(p >= k for p in passes) / len(passes)
                                                   for k in (1, 2, 3)}}}
     policy = tiny_sft(device="cpu", base="tiny-sft-hard")
+    out["base_weights"] = weights_digest("tiny-sft-hard")
     model, tok = policy.model.eval(), policy.tokenizer
     val = task.split("validation")[:args.problems]
     t0 = time.perf_counter()
@@ -74,6 +83,9 @@ def measure(args) -> dict:
                       "lengths": quantiles(lengths),
                       "removable_share": check_chars / max(sum(len(t) for t, _ in texts), 1),
                       "accuracy_without_checks": sum(task.score(without_checks(t), ex) for t, ex in texts) / len(texts)}
+        shortcuts = [task.score(t, ex) for t, ex in texts if step_lines(t) < ex["num_steps"]]
+        out[level] |= {"shortcut_share": len(shortcuts) / len(texts),
+                       "shortcut_accuracy": sum(shortcuts) / len(shortcuts) if shortcuts else None}
     with trained(["algo=grpo", "model=tiny_sft_hard", "data=reasoning_hard", "model.device=cpu",
                   f"algo.max_new_tokens={MAX_NEW}", "trainer.micro_batch_size=4", f"trainer.max_steps={args.rl_steps}",
                   "trainer.log_every=1", "trainer.eval_every=0", "trainer.save_every=0", "trainer.eval_samples=0",
@@ -86,26 +98,35 @@ def measure(args) -> dict:
     return bench.record(**out)
 
 
+def shortcut(r: dict) -> str:
+    """'0.0%', or '3.1% (40% right)': samples that skip a needed step, and how many of them are right."""
+    if "shortcut_share" not in r:
+        return "-"
+    right = r["shortcut_accuracy"]
+    return f"{100 * r['shortcut_share']:.1f}%" + ("" if right is None else f" ({100 * right:.0f}% right)")
+
+
 def render(result: dict) -> str:
     tr, rl = result["traces"], result["rl"]
     lines = [bench.heading, "",
-             f"`{result['command']}`, {result['date']}, {machine_line(result['machine'])}. `data=reasoning_hard` "
-             f"(40% hard problems) and its SFT base `model=tiny_sft_hard`; {result['problems']} validation problems, "
+             f"`{result['command']}`, {result['date']}, {machine_line(result['machine'], threads=True)}. "
+             f"`data=reasoning_hard` (40% hard problems) and its SFT base `model=tiny_sft_hard` (weights "
+             f"`{result.get('base_weights', '?')}`, the first digits of their SHA-256); {result['problems']} validation problems, "
              f"{result['samples']} samples each at temperature 1, greedy and sampled answers up to {MAX_NEW} tokens.", "",
              f"Training traces (characters of prompt + trace): median {tr['p50']:.0f}, p90 {tr['p90']:.0f}, "
              f"p99 {tr['p99']:.0f}, max {tr['max']:.0f} ({tr['max_over_median']:.1f}x the median); "
              f"{100 * tr['recheck_1']:.0f}% re-check, {100 * tr['recheck_2']:.0f}% twice, "
              f"{100 * tr['recheck_3']:.0f}% three times.", "",
              "| problems | n | greedy acc | sampled acc | sampled tokens p50 / p90 / p99 / max | max / median "
-             "| removable (re-check) share | sampled acc without re-checks |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| removable (re-check) share | sampled acc without re-checks | shortcuts (right) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for level in ("easy", "hard", "all"):
         r = result[level]
         q = r["lengths"]
         lines.append(f"| {level} | {r['problems']} | {100 * r['greedy_accuracy']:.1f}% | "
                      f"{100 * r['sampled_accuracy']:.1f}% | {q['p50']:.0f} / {q['p90']:.0f} / {q['p99']:.0f} / "
                      f"{q['max']:.0f} | {q['max_over_median']:.1f}x | {100 * r['removable_share']:.1f}% | "
-                     f"{100 * r['accuracy_without_checks']:.1f}% |")
+                     f"{100 * r['accuracy_without_checks']:.1f}% | {shortcut(r)} |")
     lines += ["", f"Generation share of an RL step: {result['rl_steps']} GRPO steps (group 8, 4 prompts, "
               f"{MAX_NEW} new tokens) spent {rl['rollout_s']:.1f} s of {rl['step_s']:.1f} s sampling: "
               f"**{100 * rl['generation_share']:.0f}%** (mean response {rl['response_len']:.0f} tokens, "

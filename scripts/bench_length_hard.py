@@ -1,8 +1,9 @@
 """The accuracy-length frontier rerun on the hard reasoning task, where brevity and accuracy conflict.
 
-    make bench-length-hard                                 # = python scripts/bench_length_hard.py
+    make bench-length-hard                                 # every method, 3 seeds, on both cores
     python scripts/bench_length_hard.py --runs grpo dler_da --seeds 0
     python scripts/bench_length_hard.py --probes           # the papers' settings (PROBES), one seed each
+    python scripts/bench_length_hard.py --probes grpo_x5   # one of them
     python scripts/bench_length_hard.py --report           # re-render the tables and plots from the JSON
 
 The embedded frontier (bench_length_rl) could not separate the length methods: there shortening only
@@ -24,6 +25,11 @@ tokens per correct answer and the re-check rate; greedy accuracy per difficulty 
 PPO against T-PPO: the same prompts and samples per prompt; T-PPO's windows are 160 tokens (a third
 of the cap, the paper's ratio), and it runs 1.5 windows per PPO rollout as in bench_length_rl. Reported:
 responses finished per second, the share of time generating, and seconds to the same training reward.
+
+Several processes may run at once (different --runs or --seeds; `make bench-length-hard` runs the
+GRPO family in two one-thread processes): they record into the same JSON. PPO against T-PPO is a
+wall-clock comparison, so the Makefile runs that pair alone. Runs are kept only while they were
+measured on the same build of the base (the SHA-256 of its weights, recorded with each run).
 
 Writes docs/results/bench_length_hard.json, the "Accuracy-length frontier on the hard task" section of
 docs/RESULTS.md and the plots docs/length_frontier_hard.png and docs/tppo_wallclock_hard.png.
@@ -54,6 +60,10 @@ METHODS = {
     "grpo": ["algo=grpo", *CAP, *FAMILY],
     "naive_lp": ["algo=grpo", *CAP, "reward=length_penalty", "reward.weights.length=0.5", *FAMILY],
     "naive_lp_strong": ["algo=grpo", *CAP, "reward=length_penalty", "reward.weights.length=2.0", *FAMILY],
+    # harsher: at 8 a right hard answer (~70 tokens) scores about what a bare guess (~10) does; at 32
+    # the guess scores far higher, so only here can dropping a hard answer's needed steps pay
+    "naive_lp_harsh": ["algo=grpo", *CAP, "reward=length_penalty", "reward.weights.length=8.0", *FAMILY],
+    "naive_lp_extreme": ["algo=grpo", *CAP, "reward=length_penalty", "reward.weights.length=32.0", *FAMILY],
     "dler": ["algo=dler", "algo.max_new_tokens=128", *FAMILY],
     "dler_da": ["algo=dler", "algo.max_new_tokens=128", "algo.difficulty_aware=true", "algo.easy_budget=64", *FAMILY],
     "drpo": ["algo=drpo", *CAP, *FAMILY],
@@ -70,7 +80,11 @@ RL_PAIR = ("ppo", "tppo")
 # group size and alpha (32 samples of 2 prompts: the same 64 responses per rollout; alpha 3).
 PROBES = {"ppo_g16": ("ppo", ["algo.samples_per_prompt=16"], 10),
           "tppo_g16": ("tppo", ["algo.samples_per_prompt=16"], 10),
-          "dot_g32": ("dot", ["algo.group_size=32", "algo.alpha=3.0", "trainer.micro_batch_size=2"], 20)}
+          "dot_g32": ("dot", ["algo.group_size=32", "algo.alpha=3.0", "trainer.micro_batch_size=2"], 20),
+          # five times the RL budget: whether a penalty that favours a bare guess over a right hard
+          # answer, and GRPO beside it, end up cutting the hard answers' needed steps given time
+          "grpo_x5": ("grpo", [], 100),
+          "naive_lp_extreme_x5": ("naive_lp_extreme", [], 100)}
 
 
 def throughput(r: dict) -> dict:
@@ -83,7 +97,8 @@ bench = Bench(__doc__, "## Accuracy-length frontier on the hard task (bench_leng
 bench.option("--seeds", nargs="+", type=int, default=[0, 1, 2])
 bench.option("--rollouts", type=int, default=20, help="rollouts per run (same for every method)")
 bench.option("--problems", type=int, default=128, help="validation problems evaluated")
-bench.option("--probes", action="store_true", help="run the PROBES (seed 0) instead of the methods")
+bench.option("--probes", nargs="*", choices=list(PROBES), help="run these PROBES (all if none named; seed 0) "
+             "instead of the methods")
 bench.option("overrides", nargs="*", help="more config overrides for every run (after --)")
 
 
@@ -109,6 +124,7 @@ def sampled_eval(model, tokenizer, task, problems: int, seed: int = 1234) -> dic
 
 
 def run(method: str, seed: int, rollouts: int, problems: int, overrides: list[str], task) -> dict:
+    from rlx.base import weights_digest
     from rlx.merge import merge_checkpoints
     from rlx.models import hf
     from rlx.paths import cache_dir
@@ -122,40 +138,48 @@ def run(method: str, seed: int, rollouts: int, problems: int, overrides: list[st
             policy = hf(str(merged), dtype="float32", device="cpu")
             result["merged"] = sampled_eval(policy.model, policy.tokenizer, task, problems)
         return {"method": method, "seed": seed, "rollouts": rollouts, "overrides": overrides,
+                "base_weights": weights_digest(BASE), "torch_threads": torch.get_num_threads(),
                 "steps": t.summary["steps"], "train_time_s": t.summary["train/time_s"],
                 "wall_s": t.summary["wall_time_s"], **result, "curve": curve(t.rows),
                 "training_means": training_means(t.rows)}
 
 
 def measure(args) -> dict:
+    from rlx.base import weights_digest
     from rlx.config import build, compose_config
     from rlx.models import tiny_sft
 
     task = build(compose_config("train", ["data=reasoning_hard"]).data)
-    if args.probes:
-        return probe(task, args.problems)
+    if args.probes is not None:
+        return probe(task, args.problems, args.probes or list(PROBES))
     policy = tiny_sft(device="cpu", base=BASE)
     budget = {"rollouts": args.rollouts, "problems": args.problems, "overrides": args.overrides}
-    base = sampled_eval(policy.model, policy.tokenizer, task, args.problems)
+    base, digest = sampled_eval(policy.model, policy.tokenizer, task, args.problems), weights_digest(BASE)
     # the probes may be recorded by another process meanwhile: each record re-reads them, and
     # probe() re-reads the runs
     return bench.sweep(lambda method, seed: run(method, seed, args.rollouts, args.problems, args.overrides, task),
                        [(method, seed) for seed in args.seeds for method in args.runs], ("method", "seed", "overrides"),
-                       bench.earlier(**budget).get("runs", []),
-                       lambda runs: {**budget, "base": base, "probes": bench.load().get("probes", [])},
+                       [r for r in bench.earlier(**budget).get("runs", []) if r.get("base_weights") == digest],
+                       lambda runs: {**budget, "base": base, "base_weights": digest,
+                                     "probes": bench.load().get("probes", [])},
                        show=("accuracy", "mean_len", "train_time_s"))
 
 
-def probe(task, problems: int) -> dict:
-    """Run the PROBES and record them beside the methods' runs (whose command and date stay theirs)."""
+def probe(task, problems: int, names: list[str]) -> dict:
+    """Run the PROBES `names` and record them beside the methods' runs (whose command and date stay
+    theirs; other processes' runs and probes recorded meanwhile are kept)."""
+    from filelock import FileLock
+
     from rlx.benchmark import now, upsert
 
-    probes = bench.load().get("probes", [])
-    for name, (method, overrides, rollouts) in PROBES.items():
+    for name in names:
+        method, overrides, rollouts = PROBES[name]
         r = run(method, 0, rollouts, problems, overrides, task)
-        probes = upsert(probes, {**r, "probe": name, "probe_date": now()}, "probe")
         print(f"{name}: accuracy {r['accuracy']:.4g}, mean_len {r['mean_len']:.4g}", flush=True)
-        result = bench.record(**{**bench.load(), "probes": probes})
+        with FileLock(str(bench.json_path) + ".lock"):
+            done = bench.load()
+            probes = upsert(done.get("probes", []), {**r, "probe": name, "probe_date": now()}, "probe")
+            result = bench.record(**{**done, "probes": probes})
     return result
 
 
@@ -250,13 +274,25 @@ def render(result: dict) -> str:
         ratio = pair["ppo"]["seconds"][0] / pair["tppo"]["seconds"][0] * pair["tppo"]["responses"][0] / \
             pair["ppo"]["responses"][0]
         lines += ["", f"T-PPO's throughput is {ratio:.2f}x PPO's in finished responses per second.", ""]
-    lines += render_probes(result.get("probes", []), result.get("probes_base"))
+    probes_base = result.get("probes_base")
+    lines += render_probes(result.get("probes", []), probes_base if probes_base != base else None)
     m = result["machine"]
     lines += ["![accuracy against length per difficulty](length_frontier_hard.png)", "",
               "What each method achieved on each difficulty: [length_rl.md](length_rl.md#the-hard-task-what-the-rerun-shows).", "",
-              f"- Machine: {machine_line(m)}.",
-              f"- Command: `{result['command']}` (last run {result['date']}).", ""]
+              f"- Base: `model=tiny_sft_hard`, weights `{result.get('base_weights', '?')}` (the first digits of their "
+              "SHA-256; `python -c \"from rlx.base import weights_digest; print(weights_digest('tiny-sft-hard'))\"`).",
+              f"- Machine: {machine_line(m)}; {threads(result['runs'])}.",
+              f"- Command: `make bench-length-hard` (last recorded: `{result['command']}`, {result['date']}).", ""]
     return "\n".join(lines)
+
+
+def threads(runs: list[dict]) -> str:
+    """How many torch threads the methods' runs had, e.g. 'torch threads per run: 1 (grpo, ...), 2 (ppo, tppo)'."""
+    by: dict[int, list[str]] = {}
+    for r in runs:
+        names = by.setdefault(r.get("torch_threads", 0), [])
+        names += [r["method"]] if r["method"] not in names else []
+    return "torch threads per run: " + ", ".join(f"{n or '?'} ({', '.join(ms)})" for n, ms in sorted(by.items()))
 
 
 def render_probes(probes: list[dict], base: dict | None) -> list[str]:
@@ -268,15 +304,16 @@ def render_probes(probes: list[dict], base: dict | None) -> list[str]:
     lines = ["What the papers' settings imply, tried on one seed each (`python scripts/bench_length_hard.py "
              f"--probes`, {max(p['probe_date'] for p in probes)}): PPO and T-PPO with 16 samples per prompt "
              "(10 rollouts), DOT at the paper's group size 32 and alpha 3 (2 prompts a rollout, the same 64 "
-             "responses)."]
+             "responses), and GRPO and the naive penalty at weight 32 with five times the RL budget (100 "
+             "rollouts)."]
     if base:
         lines[-1] += (" They started from another build of `tiny_sft_hard` (sampled accuracy easy "
                       f"{base['easy']['accuracy']:.1%}, hard {base['hard']['accuracy']:.1%}; greedy easy "
                       f"{base['easy']['greedy_accuracy']:.1%}, hard {base['hard']['greedy_accuracy']:.1%}; mean length "
                       f"{base['mean_len']:.0f} tokens): compare them with each other, not with the table above.")
     lines += ["",
-             "| probe | overrides | responses / s | generating | rows cut / rollout | sampled acc. | easy len | "
-             "hard acc. | hard len |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| probe | overrides | rollouts | responses / s | generating | rows cut / rollout | sampled acc. | "
+             "easy len | hard acc. | hard len |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name in PROBES:
         if name not in by:
             continue
@@ -284,7 +321,9 @@ def render_probes(probes: list[dict], base: dict | None) -> list[str]:
         rate = throughput(p) if p["method"] in RL_PAIR else None
         cut = means.get("truncation/actually_truncated")
         speed = f"{rate['responses_per_s']:.2f} | {rate['generation_share']:.0%}" if rate else "- | -"
-        lines.append(f"| {name} | `{' '.join(p['overrides'])}` | {speed} | {'-' if cut is None else f'{cut:.2f}'} | "
+        shown = f"`{' '.join(p['overrides'])}`" if p["overrides"] else "-"
+        lines.append(f"| {name} | {shown} | "
+                     f"{p['rollouts']} | {speed} | {'-' if cut is None else f'{cut:.2f}'} | "
                      f"{p['accuracy']:.1%} | {p['easy']['mean_len']:.0f} | {p['hard']['accuracy']:.1%} | "
                      f"{p['hard']['mean_len']:.0f} |")
     if "ppo_g16" in by and "tppo_g16" in by:
@@ -299,12 +338,13 @@ def plot(result: dict) -> None:
     for ax, level in zip(axes, LEVELS):
         ax.scatter([base[level]["mean_len"]], [100 * base[level]["accuracy"]], marker="*", s=150, color="black",
                    label="SFT base")
-        for method, s in summary.items():
-            if method in RL_PAIR:
-                continue
-            (x, xe), (y, ye) = s[f"{level}_mean_len"], s[f"{level}_accuracy"]
-            ax.errorbar([x], [100 * y], xerr=[0 if math.isnan(xe) else xe],
-                        yerr=[0 if math.isnan(ye) else 100 * ye], fmt="o", capsize=3, label=method)
+        shown = [m for name in METHODS for m in (name, name + "_merged") if m in summary and m not in RL_PAIR]
+        colors = pyplot().get_cmap("tab20").colors  # more methods than the default cycle's ten colours
+        for i, method in enumerate(shown):
+            (x, xe), (y, ye) = summary[method][f"{level}_mean_len"], summary[method][f"{level}_accuracy"]
+            ax.errorbar([x], [100 * y], xerr=[0 if math.isnan(xe) else xe], yerr=[0 if math.isnan(ye) else 100 * ye],
+                        fmt="s" if method.endswith("_merged") else "o", capsize=3, label=method,
+                        color=colors[(2 * i) % 20 + (2 * i) // 20])
         ax.set(xlabel="mean response length (tokens, sampled at T = 1)", ylabel="sampled accuracy (%)",
                title=f"{level} problems")
         ax.grid(alpha=0.3)
