@@ -58,6 +58,7 @@ bench-quick:
 # Every section of docs/RESULTS.md and every plot, re-rendered from docs/results/*.json (seconds).
 bench-report:
 	@for b in $(BENCHES); do $(PY) scripts/$$b.py --report > /dev/null || exit 1; done
+	@for b in bench_hard_task bench_length_hard; do $(PY) scripts/$$b.py --fold --report > /dev/null || exit 1; done
 
 # Sizes of the shipped models and data, the default SFT run, SmolLM2's Shakespeare perplexity.
 bench-embedded:
@@ -104,18 +105,23 @@ bench-dpruner:
 bench-robustness:
 	$(PY) scripts/bench_quant_robustness.py
 
-# The hard reasoning task's properties, measured before any length method trains on it (builds
-# model=tiny_sft_hard first if needed: 10-20 minutes; then about 5).
+# The hard reasoning task's properties, measured before any length method trains on it, of both
+# bases (builds model=tiny_sft_hard first if needed: 60-90 minutes, then tiny_sft_fold: 10-15; then about 5).
 bench-hard:
 	$(PY) scripts/bench_hard_task.py
+	$(PY) scripts/bench_hard_task.py --fold
 
-# The accuracy-length frontier rerun on data=reasoning_hard, per difficulty, and PPO vs T-PPO
-# (about an hour on 2 CPU cores; builds model=tiny_sft_hard first if needed)
-# (the GRPO family in two one-thread processes, one per core; PPO against T-PPO alone, for its wall-clock)
+# The accuracy-length frontier rerun on data=reasoning_hard, per difficulty, from both bases, and PPO
+# vs T-PPO (about 1.5 hours on 2 CPU cores; builds the bases first if needed). The GRPO family runs in
+# two one-thread processes, one per core; PPO against T-PPO alone, for its wall-clock.
+FAMILY_A = grpo naive_lp_harsh naive_lp_extreme dler drpo
+FAMILY_B = naive_lp naive_lp_strong dler_da grpo_lambda dot
 bench-length-hard:
-	OMP_NUM_THREADS=1 $(PY) scripts/bench_length_hard.py --runs grpo naive_lp_harsh naive_lp_extreme dler drpo dot & a=$$!; \
-	OMP_NUM_THREADS=1 $(PY) scripts/bench_length_hard.py --runs naive_lp naive_lp_strong dler_da grpo_lambda & b=$$!; \
-	wait $$a && wait $$b
+	for base in "" --fold; do \
+	  OMP_NUM_THREADS=1 $(PY) scripts/bench_length_hard.py $$base --runs $(FAMILY_A) & a=$$!; \
+	  OMP_NUM_THREADS=1 $(PY) scripts/bench_length_hard.py $$base --runs $(FAMILY_B) & b=$$!; \
+	  wait $$a && wait $$b || exit 1; \
+	done
 	$(PY) scripts/bench_length_hard.py --runs ppo tppo
 
 # Multi-objective RL: RACO's front against linear scalarisation, over-optimising a proxy reward model

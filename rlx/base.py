@@ -34,6 +34,12 @@ BASES = {
     "tiny-sft-hard": (["data=reasoning_hard", "algo.max_length=512", "trainer.eval_max_length=512",
                        "trainer.eval_max_new_tokens=480", "trainer.eval_samples=128",
                        "trainer.max_steps=3000", "trainer.eval_every=1000"], "60-90 minutes on 2 CPU cores"),
+    # tiny-sft-hard after more SFT on the same task with 30% of its traces folded (two steps a line):
+    # a base that sometimes answers in fewer, riskier lines, so a length reward has a shortcut to pay for
+    "tiny-sft-fold": (["model=tiny_sft_hard", "data=reasoning_hard", "data.fold_prob=0.3", "algo.max_length=512",
+                       "trainer.eval_max_length=512", "trainer.eval_max_new_tokens=480", "trainer.eval_samples=128",
+                       "optimizer.lr=1e-3", "trainer.max_steps=600", "trainer.eval_every=300"],
+                      "15-25 minutes on 2 CPU cores, after tiny-sft-hard"),
 }
 
 

@@ -3,6 +3,7 @@ on it: per-difficulty accuracy of its SFT base, a long tail of sampled lengths, 
 length is removable without error, and the share of an RL step spent generating.
 
     python scripts/bench_hard_task.py                 # builds model=tiny_sft_hard first if needed (60-90 min)
+    python scripts/bench_hard_task.py --fold          # the same of model=tiny_sft_fold (30% folded traces)
     python scripts/bench_hard_task.py --report        # re-render the section from the JSON
 
 Measured on `model=tiny_sft_hard` (the tiny model after SFT on the task, `python -m rlx.base --name
@@ -23,17 +24,26 @@ Writes docs/results/bench_hard_task.json and the "The hard reasoning task" secti
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 
 import torch
 
 from rlx.benchmark import Bench, machine_line, metric, trained
+from rlx.data.reasoning import step_lines
 
 MAX_NEW = 480  # the longest traces (7 terms, 3 re-check passes) are under 480 tokens
-bench = Bench(__doc__, "## The hard reasoning task (bench_hard_task)",
+# --fold: the base that also saw folded traces (two steps a line), with its own JSON and RESULTS.md section
+FOLD = "--fold" in sys.argv
+MODEL, DATA = ("tiny_sft_fold", ["data=reasoning_hard", "data.fold_prob=0.3"]) if FOLD else \
+    ("tiny_sft_hard", ["data=reasoning_hard"])
+BASE = MODEL.replace("_", "-")
+bench = Bench(__doc__, "## The hard reasoning task, folded base (bench_hard_task_fold)" if FOLD else
+              "## The hard reasoning task (bench_hard_task)",
               quick={"problems": 16, "samples": 2, "rl_steps": 1})
 bench.option("--problems", type=int, default=128, help="validation problems measured")
 bench.option("--samples", type=int, default=8, help="sampled responses per problem")
+bench.option("--fold", action="store_true", help="measure model=tiny_sft_fold (folded traces) instead")
 bench.option("--rl-steps", dest="rl_steps", type=int, default=4, help="GRPO steps timed for the generation share")
 
 
@@ -47,26 +57,21 @@ def without_checks(text: str) -> str:
     return "\n".join(line for line in text.split("\n") if not line.strip().startswith("check:"))
 
 
-def step_lines(text: str) -> int:
-    """The trace's arithmetic steps ("a + b = c" lines), re-checks left out."""
-    return sum("=" in line and not line.strip().startswith("check:") for line in text.split("\n"))
-
-
 def measure(args) -> dict:
     from rlx.base import weights_digest
     from rlx.config import build, compose_config
     from rlx.evaluate import answers, sampled_answers
     from rlx.models import tiny_sft
 
-    task = build(compose_config("train", ["data=reasoning_hard"]).data)
+    task = build(compose_config("train", DATA).data)
     train = task.split("train")
     trace_len = [len(ex["prompt"]) + len(ex["completion"]) for ex in train]
-    passes = [ex["completion"].count("check: ") // ex["num_steps"] for ex in train]
+    passes = [ex["completion"].count("check: ") // step_lines(ex["completion"]) for ex in train]
     out = {"problems": args.problems, "samples": args.samples, "rl_steps": args.rl_steps,
            "traces": {**quantiles(trace_len), **{f"recheck_{k}": sum(p >= k for p in passes) / len(passes)
                                                   for k in (1, 2, 3)}}}
-    policy = tiny_sft(device="cpu", base="tiny-sft-hard")
-    out["base_weights"] = weights_digest("tiny-sft-hard")
+    policy = tiny_sft(device="cpu", base=BASE)
+    out["base_weights"] = weights_digest(BASE)
     model, tok = policy.model.eval(), policy.tokenizer
     val = task.split("validation")[:args.problems]
     t0 = time.perf_counter()
@@ -86,7 +91,7 @@ def measure(args) -> dict:
         shortcuts = [task.score(t, ex) for t, ex in texts if step_lines(t) < ex["num_steps"]]
         out[level] |= {"shortcut_share": len(shortcuts) / len(texts),
                        "shortcut_accuracy": sum(shortcuts) / len(shortcuts) if shortcuts else None}
-    with trained(["algo=grpo", "model=tiny_sft_hard", "data=reasoning_hard", "model.device=cpu",
+    with trained(["algo=grpo", f"model={MODEL}", *DATA, "model.device=cpu",
                   f"algo.max_new_tokens={MAX_NEW}", "trainer.micro_batch_size=4", f"trainer.max_steps={args.rl_steps}",
                   "trainer.log_every=1", "trainer.eval_every=0", "trainer.save_every=0", "trainer.eval_samples=0",
                   "trainer.progress=false"], quiet=True) as t:
@@ -110,7 +115,7 @@ def render(result: dict) -> str:
     tr, rl = result["traces"], result["rl"]
     lines = [bench.heading, "",
              f"`{result['command']}`, {result['date']}, {machine_line(result['machine'], threads=True)}. "
-             f"`data=reasoning_hard` (40% hard problems) and its SFT base `model=tiny_sft_hard` (weights "
+             f"`{' '.join(DATA)}` (40% hard problems) and its SFT base `model={MODEL}` (weights "
              f"`{result.get('base_weights', '?')}`, the first digits of their SHA-256); {result['problems']} validation problems, "
              f"{result['samples']} samples each at temperature 1, greedy and sampled answers up to {MAX_NEW} tokens.", "",
              f"Training traces (characters of prompt + trace): median {tr['p50']:.0f}, p90 {tr['p90']:.0f}, "

@@ -49,9 +49,15 @@ from bench_length_rl import throughput as _throughput  # noqa: E402
 from rlx.benchmark import Bench, machine_line, pyplot, trained  # noqa: E402
 from rlx.evaluate import mean_se  # noqa: E402
 
-EVAL_SAMPLES, BUDGET, BASE = 2, 480, "tiny-sft-hard"
+# --fold: from model=tiny_sft_fold (the base that also saw folded traces, so it sometimes skips lines),
+# into its own JSON, plots and RESULTS.md section
+FOLD = "--fold" in sys.argv
+MODEL = "tiny_sft_fold" if FOLD else "tiny_sft_hard"
+EVAL_SAMPLES, BUDGET, BASE = 2, 480, MODEL.replace("_", "-")
+FRONTIER_PNG = "length_frontier_fold.png" if FOLD else "length_frontier_hard.png"
+ANCHOR = "the-folded-base-where-a-shorter-answer-is-a-riskier-one" if FOLD else "the-hard-task-what-the-rerun-shows"
 PROMPTS, MINIBATCHES, LR = 8, 2, "1e-4"
-COMMON = ["model=tiny_sft_hard", "data=reasoning_hard", f"trainer.micro_batch_size={PROMPTS}", f"optimizer.lr={LR}",
+COMMON = [f"model={MODEL}", "data=reasoning_hard", f"trainer.micro_batch_size={PROMPTS}", f"optimizer.lr={LR}",
           "trainer.warmup_steps=0", "trainer.lr_scheduler=constant", "trainer.eval_every=0", "trainer.save_every=0",
           "trainer.log_every=1", "trainer.progress=false"]
 FAMILY = ["algo.group_size=8", f"algo.minibatches={MINIBATCHES}"]
@@ -92,8 +98,10 @@ def throughput(r: dict) -> dict:
     return _throughput(r, PROMPTS, MINIBATCHES)
 LEVELS = ("easy", "hard")
 
-bench = Bench(__doc__, "## Accuracy-length frontier on the hard task (bench_length_hard)", runs=METHODS,
+bench = Bench(__doc__, "## Accuracy-length frontier on the hard task, folded base (bench_length_fold)" if FOLD else
+              "## Accuracy-length frontier on the hard task (bench_length_hard)", runs=METHODS,
               quick={"runs": ["grpo", "tppo"], "seeds": [0], "rollouts": 2, "problems": 16})
+bench.option("--fold", action="store_true", help="start from model=tiny_sft_fold instead (its own results)")
 bench.option("--seeds", nargs="+", type=int, default=[0, 1, 2])
 bench.option("--rollouts", type=int, default=20, help="rollouts per run (same for every method)")
 bench.option("--problems", type=int, default=128, help="validation problems evaluated")
@@ -106,6 +114,7 @@ bench.option("overrides", nargs="*", help="more config overrides for every run (
 def sampled_eval(model, tokenizer, task, problems: int, seed: int = 1234) -> dict:
     """pass@1 over EVAL_SAMPLES samples per problem at T = 1, overall and per difficulty, the lengths,
     the re-check rate, and greedy accuracy per difficulty."""
+    from rlx.data.reasoning import step_lines
     from rlx.evaluate import answers, sampled_answers, sampled_metrics
 
     examples = list(task.split("validation"))[:problems]
@@ -118,8 +127,10 @@ def sampled_eval(model, tokenizer, task, problems: int, seed: int = 1234) -> dic
         rows = [i for i, ex in enumerate(examples) if ex["difficulty"] == level]
         part = {k: [out[k][i] for i in rows] for k in ("correct", "texts", "lengths")}
         m = sampled_metrics(part)
+        shortcuts = [step_lines(t) < examples[i]["num_steps"] for i in rows for t in out["texts"][i]]
         result[level] = {"accuracy": m["accuracy"], "mean_len": m["mean_len"], "p90_len": m["p90_len"],
-                         "greedy_accuracy": sum(greedy[i] for i in rows) / len(rows)}
+                         "greedy_accuracy": sum(greedy[i] for i in rows) / len(rows),
+                         "shortcut_rate": sum(shortcuts) / len(shortcuts)}
     return result
 
 
@@ -192,8 +203,8 @@ def summarise(runs: list[dict]) -> dict[str, dict]:
     for r in runs + merged:
         by.setdefault(r["method"], []).append(r)
     return {m: {"seeds": len(rs), **{k: mean_se([r[k] for r in rs]) for k in KEYS},
-                **{f"{level}_{k}": mean_se([r[level][k] for r in rs]) for level in LEVELS
-                   for k in ("accuracy", "mean_len", "greedy_accuracy")}}
+                **{f"{level}_{k}": mean_se([r[level].get(k, math.nan) for r in rs]) for level in LEVELS
+                   for k in ("accuracy", "mean_len", "greedy_accuracy", "shortcut_rate")}}
             for m, rs in by.items()}
 
 
@@ -238,25 +249,33 @@ def render(result: dict) -> str:
                  fmt(s["hard_mean_len"], ".0f"), fmt(s["tokens_per_correct"], ".0f"),
                  fmt(s["recheck_rate"], ".0f", 100) + "%", fmt(s["easy_greedy_accuracy"], ".0f", 100) + "%",
                  fmt(s["hard_greedy_accuracy"], ".0f", 100) + "%"]
+        if skips:  # the share of answers with fewer step lines than the problem needs
+            cells += [fmt(s[f"{lv}_shortcut_rate"], ".0f", 100) + "%" for lv in LEVELS]
         return f"| {name} | {seeds} | " + " | ".join(cells) + f" | {minutes} |"
+
+    skips = any("shortcut_rate" in r["hard"] for r in result["runs"])
 
     nan = (math.nan, math.nan)
     as_pairs = {**{k: (base[k], math.nan) for k in KEYS if k in base},
-                **{f"{lv}_{k}": (base[lv][k], math.nan) for lv in LEVELS for k in ("accuracy", "mean_len",
-                                                                                 "greedy_accuracy")}}
+                **{f"{lv}_{k}": (base[lv].get(k, math.nan), math.nan) for lv in LEVELS
+                   for k in ("accuracy", "mean_len", "greedy_accuracy", "shortcut_rate")}}
     rows = [row("SFT base", "-", {**{k: nan for k in KEYS}, **as_pairs}, "-")]
     for method in [m for name in METHODS for m in (name, name + "_merged") if m in summary]:
         s = summary[method]
         rows.append(row(method, s["seeds"], s, f"{s['train_time_s'][0] / 60:.1f}"))
     lines = [bench.heading, "",
-             f"From `model=tiny_sft_hard` on `data=reasoning_hard`, {result['rollouts']} rollouts of {PROMPTS} prompts "
+             f"From `model={MODEL}` on `data=reasoning_hard`, {result['rollouts']} rollouts of {PROMPTS} prompts "
              f"x 8 samples per run, {MINIBATCHES} optimizer steps per rollout, lr {LR}, budget {BUDGET} tokens; "
              f"evaluated on {result['problems']} validation problems (40% hard) x {EVAL_SAMPLES} samples at T = 1 and "
              "greedily. Mean ± standard error over seeds. 'len' is the mean sampled length in tokens; 're-checks' "
              "the share of responses that repeat their steps.", "",
              "| method | seeds | sampled acc. | easy acc. | hard acc. | easy len | hard len | tokens / correct | "
-             "re-checks | greedy easy | greedy hard | train min |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|", *rows, ""]
+             "re-checks | greedy easy | greedy hard | " + ("easy skips | hard skips | " if skips else "") + "train min |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if skips else "") + "---:|",
+             *rows, ""]
+    if skips:
+        lines += ["'Skips': the share of sampled answers with fewer step lines than the problem needs (folded "
+                        "or skipped steps).", ""]
     pair = wallclock(result["runs"])
     if pair:
         lines += [f"PPO against T-PPO (same prompts and samples per prompt, lam 1, critic lr 1e-3; T-PPO's 160-token "
@@ -277,10 +296,10 @@ def render(result: dict) -> str:
     probes_base = result.get("probes_base")
     lines += render_probes(result.get("probes", []), probes_base if probes_base != base else None)
     m = result["machine"]
-    lines += ["![accuracy against length per difficulty](length_frontier_hard.png)", "",
-              "What each method achieved on each difficulty: [length_rl.md](length_rl.md#the-hard-task-what-the-rerun-shows).", "",
-              f"- Base: `model=tiny_sft_hard`, weights `{result.get('base_weights', '?')}` (the first digits of their "
-              "SHA-256; `python -c \"from rlx.base import weights_digest; print(weights_digest('tiny-sft-hard'))\"`).",
+    lines += [f"![accuracy against length per difficulty]({FRONTIER_PNG})", "",
+              f"What each method achieved on each difficulty: [length_rl.md](length_rl.md#{ANCHOR}).", "",
+              f"- Base: `model={MODEL}`, weights `{result.get('base_weights', '?')}` (the first digits of their "
+              f"SHA-256; `python -c \"from rlx.base import weights_digest; print(weights_digest('{BASE}'))\"`).",
               f"- Machine: {machine_line(m)}; {threads(result['runs'])}.",
               f"- Command: `make bench-length-hard` (last recorded: `{result['command']}`, {result['date']}).", ""]
     return "\n".join(lines)
@@ -349,9 +368,9 @@ def plot(result: dict) -> None:
                title=f"{level} problems")
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7)
-    bench.save_figure(fig, "length_frontier_hard.png")
+    bench.save_figure(fig, FRONTIER_PNG)
     if fig := wallclock_figure(result["runs"], "PPO and T-PPO on the hard task"):
-        bench.save_figure(fig, "tppo_wallclock_hard.png")
+        bench.save_figure(fig, "tppo_wallclock_fold.png" if FOLD else "tppo_wallclock_hard.png")
 
 
 if __name__ == "__main__":

@@ -39,19 +39,3 @@ def test_tppo_counts_what_finished_and_samples_follow_the_overrides():
     r = _run("ppo", 2 * bench.MINIBATCHES, overrides=["algo.samples_per_prompt=4"])
     assert bench.throughput(r)["responses"] == 2 * bench.PROMPTS * 4
 
-
-def test_hard_task_counts_a_skipped_step_as_a_shortcut_and_a_recheck_as_none():
-    """bench_hard_task's shortcut share: a trace with fewer arithmetic lines than the problem's steps
-    skipped one; re-check lines do not count as steps, so a re-checked short trace is still short."""
-    from rlx.config import build, compose_config
-
-    step_lines = _script("bench_hard_task").step_lines
-    task = build(compose_config("train", ["data=reasoning_hard", "data.num_train=8", "data.num_validation=64",
-                                          "data.num_test=4"]).data)
-    hard = next(ex for ex in task.split("validation") if ex["difficulty"] == "hard")
-    full = hard["completion"].split("\n")
-    assert step_lines(hard["completion"]) == hard["num_steps"]
-    merged = "\n".join(full[1:])  # the first step folded into the second: one line short, same answer
-    assert step_lines(merged) == hard["num_steps"] - 1
-    rechecked = merged + "\n" + "\n".join(f"check: {line}" for line in full[1:-1])
-    assert step_lines(rechecked) == hard["num_steps"] - 1

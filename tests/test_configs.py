@@ -16,6 +16,7 @@ NEEDS = {
     ("model", "hf"): None,  # a hub model: tests never reach a hub
     ("model", "tiny_sft"): None,  # built on first use: minutes of training (tests/test_first_run.py, slow)
     ("model", "tiny_sft_hard"): None,  # the same, on data=reasoning_hard (tests/test_hard_task.py builds a small one)
+    ("model", "tiny_sft_fold"): None,  # tiny_sft_hard after more SFT on folded traces: built on first use too
     ("rollout", "vllm"): None,  # vLLM on a CUDA GPU (scripts/gpu_check.py); its missing import is tested
     ("data", "gsm8k"): [f"data.path={GSM8K}"] if GSM8K.is_dir() else None,
     ("reward", "rm"): None,  # a checkpoint trained with algo=rm: built end to end in tests/algorithms/test_rm.py

@@ -45,6 +45,36 @@ def test_recheck_passes_have_a_long_tail_and_are_removable(task):
         assert extract_answer(short) == ex["answer"] and task.score(short, ex) == 1.0
 
 
+def test_folded_traces_halve_the_lines_and_keep_every_line_true(task):
+    """data.fold_prob: that share of training traces writes each pair of steps as one line. Each
+    folded line is a true sum (checked by hand arithmetic, not by the generator), the answer line is
+    the unfolded trace's, the scorer accepts it, re-checks repeat the folded lines, held-out splits
+    and fold_prob=0 are untouched."""
+    sizes = ["data=reasoning_hard", "data.num_train=3000", "data.num_validation=200", "data.num_test=10"]
+    folded = build(compose_config("train", [*sizes, "data.fold_prob=0.5"]).data)
+    plain, train = task.split("train"), folded.split("train")
+    assert [ex["prompt"] for ex in plain] == [ex["prompt"] for ex in train]
+    assert folded.split("validation") == task.split("validation")
+    changed = 0
+    for before, after in zip(plain, train):
+        steps = [line for line in after["completion"].split("\n")[:-1] if not line.startswith("check: ")]
+        assert after["completion"].split("\n")[-1] == before["completion"].split("\n")[-1]  # the answer line
+        assert task.score(after["completion"], after) == 1.0
+        for line in steps:  # "a - b + c = r": add up the signed terms
+            lhs, rhs = line.split(" = ")
+            tokens = lhs.split(" ")
+            total = int(tokens[0]) + sum(int(n) if op == "+" else -int(n) for op, n in zip(tokens[1::2], tokens[2::2]))
+            assert total == int(rhs), line
+        if len(steps) < after["num_steps"]:
+            changed += 1
+            assert len(steps) == (after["num_steps"] + 1) // 2
+            checks = [line[len("check: "):] for line in after["completion"].split("\n") if line.startswith("check: ")]
+            assert set(checks) <= set(steps)
+    foldable = sum(ex["num_steps"] >= 2 for ex in train)  # a one-step trace has nothing to fold
+    assert 0.45 < changed / foldable < 0.55
+    assert build(compose_config("train", [*sizes, "data.fold_prob=0"]).data).split("train") == plain
+
+
 def test_default_reasoning_data_has_no_difficulty_and_one_pass_at_most():
     t = ReasoningTask(num_train=300, num_validation=8, num_test=8)
     assert all("difficulty" not in ex for ex in t.split("train"))
@@ -84,3 +114,37 @@ def test_the_hard_base_builds_under_its_own_name(tmp_path):
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(tmp_path / "models/tiny-sft-hard")
+
+
+def test_the_fold_base_continues_from_the_hard_base(tmp_path):
+    """tiny-sft-fold is SFT on folded traces starting from tiny-sft-hard's weights (built first)."""
+    env = {**os.environ, "RLX_CACHE": str(tmp_path)}
+    small = ["data.num_train=64", "data.num_validation=4", "data.num_test=4", "trainer.max_steps=2",
+             "trainer.eval_samples=2", "trainer.eval_max_new_tokens=4", "trainer.progress=false"]
+    shape = ["model.hidden_size=32", "model.num_layers=1", "model.num_heads=2", "model.intermediate_size=64"]
+    code = (f"from rlx.base import ensure_base; ensure_base({[*shape, *small]!r}, name='tiny-sft-hard'); "
+            f"ensure_base({small!r}, name='tiny-sft-fold')")
+    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO_ROOT, text=True, capture_output=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    from transformers import AutoConfig
+
+    hard, fold = (AutoConfig.from_pretrained(tmp_path / f"models/tiny-sft-{n}") for n in ("hard", "fold"))
+    assert fold.hidden_size == hard.hidden_size == 32  # the small hard base's shape, not tiny's default
+    assert "fold_prob: 0.3" in (tmp_path / "models/tiny-sft-fold/rlx_config.yaml").read_text()
+
+
+def test_step_lines_counts_a_skipped_step_as_a_shortcut_and_a_recheck_as_none():
+    """step_lines, the benchmarks' shortcut count: a trace with fewer arithmetic lines than the problem's steps
+    skipped one; re-check lines do not count as steps, so a re-checked short trace is still short."""
+    from rlx.data.reasoning import step_lines
+
+    task = build(compose_config("train", ["data=reasoning_hard", "data.num_train=8", "data.num_validation=64",
+                                          "data.num_test=4"]).data)
+    hard = next(ex for ex in task.split("validation") if ex["difficulty"] == "hard")
+    full = hard["completion"].split("\n")
+    assert step_lines(hard["completion"]) == hard["num_steps"]
+    merged = "\n".join(full[1:])  # the first step folded into the second: one line short, same answer
+    assert step_lines(merged) == hard["num_steps"] - 1
+    rechecked = merged + "\n" + "\n".join(f"check: {line}" for line in full[1:-1])
+    assert step_lines(rechecked) == hard["num_steps"] - 1

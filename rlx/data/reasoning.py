@@ -124,6 +124,7 @@ class ReasoningTask:
         hard_min_terms: int = 6,
         hard_max_terms: int = 8,
         hard_max_digits: int = 1,
+        fold_prob: float = 0.0,
     ):
         self.sources = [sources] if isinstance(sources, str) else list(sources)
         if not self.sources or not set(self.sources) <= set(SOURCES):
@@ -135,7 +136,7 @@ class ReasoningTask:
                 f"bad reasoning sizes (min_terms={min_terms}, max_terms={max_terms}, max_digits={max_digits}): "
                 "need 1 <= min_terms <= max_terms and max_digits >= 1"
             )
-        for name, p in (("recheck_prob", recheck_prob), ("hard_fraction", hard_fraction)):
+        for name, p in (("recheck_prob", recheck_prob), ("hard_fraction", hard_fraction), ("fold_prob", fold_prob)):
             if not 0.0 <= p <= 1.0:
                 raise RlxError(f"{name}={p} is not a probability: pass a value in [0, 1]")
         if not 0.0 <= recheck_more < 1.0:
@@ -149,7 +150,7 @@ class ReasoningTask:
         self.seed = seed
         self.recheck_prob, self.recheck_more, self.recheck_max_passes = recheck_prob, recheck_more, recheck_max_passes
         self.prompt_style = prompt_style
-        self.hard_fraction = hard_fraction
+        self.hard_fraction, self.fold_prob = hard_fraction, fold_prob
         arithmetic = dict(min_terms=min_terms, max_terms=max_terms, min_digits=1, max_digits=max_digits)
         self.configs = {"chain_sum": arithmetic, "basic_arithmetic": arithmetic, "gsm_symbolic": {}}
         self.hard = dict(min_terms=hard_min_terms, max_terms=hard_max_terms, min_digits=1, max_digits=hard_max_digits)
@@ -170,13 +171,17 @@ class ReasoningTask:
         seen = {key for pairs in held_out.values() for key, _ in pairs}
         train = [example for key, example in self._generate("train") if key not in seen]
         recheck = random.Random(_derived_seed(self.seed, "recheck"))
+        fold = random.Random(_derived_seed(self.seed, "fold"))  # its own stream: fold_prob=0 leaves the data as it was
         for example in train:
+            lines = example["num_steps"]
+            if self.fold_prob and fold.random() < self.fold_prob:
+                example["completion"] = _folded(example["completion"], example["source"])
+                lines = example["completion"].count("\n")  # the step lines above the answer line
             if recheck.random() < self.recheck_prob:
                 passes = 1
                 while self.recheck_more and passes < self.recheck_max_passes and recheck.random() < self.recheck_more:
                     passes += 1
-                example["completion"] = _with_recheck(example["completion"], example["num_steps"], example["source"],
-                                                      passes)
+                example["completion"] = _with_recheck(example["completion"], lines, example["source"], passes)
         return {"train": train, **{name: [example for _, example in pairs] for name, pairs in held_out.items()}}
 
     def _generate(self, split: str) -> list[tuple[str, dict]]:
@@ -247,6 +252,33 @@ class ReasoningTask:
 def _cot_body(cot: str) -> str:
     """gsm_symbolic's worked solution without its own '####' line (which may read '36.0' for '36')."""
     return "\n".join(line for line in cot.splitlines() if not line.startswith("####")).strip()
+
+
+def step_lines(text: str) -> int:
+    """A response's arithmetic lines ("a + b = c"), re-checks left out: fewer than the problem's
+    `num_steps` means it skipped or folded a step."""
+    return sum("=" in line and not line.strip().startswith("check:") for line in text.split("\n"))
+
+
+def _folded(completion: str, source: str) -> str:
+    """A chain sum's trace with each pair of consecutive steps written as one line ("9 - 5 + 1 = 5"
+    for "9 - 5 = 4" and "4 + 1 = 5"): the same answer in about half the lines, each line a harder
+    sum to get right in one go. Other sources are left alone (folding across * or / would change
+    what a line means)."""
+    if source != "chain_sum":
+        return completion
+    *steps, answer = completion.split("\n")
+    out, i = [], 0
+    while i < len(steps):
+        first, second = steps[i], steps[i + 1] if i + 1 < len(steps) else None
+        lhs, result = first.rsplit(" = ", 1)
+        if second is not None and second.startswith(result + " "):
+            out.append(lhs + second[len(result):])
+            i += 2
+        else:
+            out.append(first)
+            i += 1
+    return "\n".join(out + [answer])
 
 
 def _with_recheck(completion: str, num_steps: int, source: str, passes: int = 1) -> str:
