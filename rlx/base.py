@@ -39,7 +39,7 @@ BASES = {
     "tiny-sft-fold": (["model=tiny_sft_hard", "data=reasoning_hard", "data.fold_prob=0.3", "algo.max_length=512",
                        "trainer.eval_max_length=512", "trainer.eval_max_new_tokens=480", "trainer.eval_samples=128",
                        "optimizer.lr=1e-3", "trainer.max_steps=600", "trainer.eval_every=300"],
-                      "15-25 minutes on 2 CPU cores, after tiny-sft-hard"),
+                      "10-15 minutes on 2 CPU cores, after tiny-sft-hard"),
 }
 
 
