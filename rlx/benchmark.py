@@ -344,6 +344,14 @@ class Bench:
         earlier = self.load()
         return earlier if all(earlier.get(k) == v for k, v in budget.items()) else {}
 
+    def locked(self):
+        """A lock on results/<name>.json across processes: hold it to read, change and record the results
+        while another process may be recording into them too."""
+        from filelock import FileLock
+
+        self.json_path.parent.mkdir(parents=True, exist_ok=True)
+        return FileLock(str(self.json_path) + ".lock")
+
     def record(self, **fields) -> dict:
         """Write `fields` to results/<name>.json with the command, date and machine; returns the result."""
         result = {"command": command(), "date": now(), "machine": machine(), **fields}
@@ -362,8 +370,6 @@ class Bench:
         Several processes may sweep into the same JSON at once (e.g. one per seed on a multi-core
         machine): each record is written under a file lock and takes in the runs another process
         recorded meanwhile (those on disk that differ from what was there when this sweep began)."""
-        from filelock import FileLock
-
         ident = lambda r: json.dumps([r.get(k) for k in key])
         at_start = {ident(r): r for r in self.load().get("runs", [])}
         mine: set[str] = set()
@@ -373,8 +379,7 @@ class Bench:
             shown = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k in show if (v := metric(r, k)) == v]
             print(" ".join(str(r[k]) for k in key if k in r) + ": " + ", ".join(shown), flush=True)
             mine.add(ident(r))
-            self.json_path.parent.mkdir(parents=True, exist_ok=True)
-            with FileLock(str(self.json_path) + ".lock"):
+            with self.locked():
                 for other in self.load().get("runs", []):
                     if ident(other) not in mine and other != at_start.get(ident(other)):
                         runs = upsert(runs, other, *key)

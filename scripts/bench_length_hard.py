@@ -179,15 +179,13 @@ def measure(args) -> dict:
 def probe(task, problems: int, names: list[str]) -> dict:
     """Run the PROBES `names` and record them beside the methods' runs (whose command and date stay
     theirs; other processes' runs and probes recorded meanwhile are kept)."""
-    from filelock import FileLock
-
     from rlx.benchmark import now, upsert
 
     for name in names:
         method, overrides, rollouts = PROBES[name]
         r = run(method, 0, rollouts, problems, overrides, task)
         print(f"{name}: accuracy {r['accuracy']:.4g}, mean_len {r['mean_len']:.4g}", flush=True)
-        with FileLock(str(bench.json_path) + ".lock"):
+        with bench.locked():
             done = bench.load()
             probes = upsert(done.get("probes", []), {**r, "probe": name, "probe_date": now()}, "probe")
             result = bench.record(**{**done, "probes": probes})
